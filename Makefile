@@ -1,0 +1,35 @@
+# Two commands set everything up: `make demo` and `make test` (both install first).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+VD := $(VENV)/bin/vd
+DEMO ?= demo
+
+.PHONY: install demo test lint bench bench-full clean
+
+install: $(VENV)/.installed
+
+# torch first (on these machines pip takes torch/torchvision from local disk), then sam2 without its
+# optional CUDA extension (it builds against the torch already installed), then vd itself.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install torch torchvision
+	SAM2_BUILD_CUDA=0 $(PIP) install --no-build-isolation "sam2>=1.1.0"
+	$(PIP) install -e '.[dev]'
+	touch $@
+
+demo: install
+	$(VD) demo $(DEMO)
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) bench/bench.py --size tiny
+
+bench-full: install
+	$(PY) bench/bench.py --size full --device cuda --dtype bf16
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

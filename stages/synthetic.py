@@ -1,0 +1,35 @@
+"""Synthetic clips with known ground truth: a disc moving over a textured background.
+
+Used by the demo and the tests (no downloads): frames are uint8 (F, H, W, 3) and the ground-truth
+object mask is uint8 (F, H, W) in {0, 1}.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def moving_disc(frames: int = 8, height: int = 128, width: int = 128, seed: int = 0,
+                radius: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A reddish disc sliding left to right over a smooth textured background, with its mask."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([
+        0.45 + 0.25 * np.sin(xx / 9.0 + 0.5) * np.cos(yy / 13.0),
+        0.55 + 0.2 * np.sin((xx + yy) / 17.0),
+        0.35 + 0.25 * np.cos(yy / 7.0 - xx / 23.0),
+    ], axis=-1)
+    base += rng.normal(0, 0.02, size=base.shape).astype(np.float32)
+    radius = radius if radius is not None else min(height, width) * 0.18
+    video = np.empty((frames, height, width, 3), dtype=np.uint8)
+    masks = np.empty((frames, height, width), dtype=np.uint8)
+    for f in range(frames):
+        cx = width * (0.3 + 0.4 * f / max(frames - 1, 1))
+        cy = height * (0.5 + 0.08 * np.sin(f / 2.0))
+        inside = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2
+        img = base.copy()
+        shade = 0.85 + 0.15 * np.cos((xx - cx) / radius * 1.5)
+        img[inside] = np.stack([0.9 * shade, 0.25 * shade, 0.2 * shade], axis=-1)[inside]
+        video[f] = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        masks[f] = inside.astype(np.uint8)
+    return video, masks

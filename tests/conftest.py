@@ -1,0 +1,39 @@
+"""Shared fixtures: generated clips and ready-made workspaces (no downloads, CPU only)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from stages.synthetic import moving_disc  # noqa: E402
+from stages.workspace import Workspace  # noqa: E402
+
+
+def make_workspace(path: Path, frames: int = 4, size: int = 64, seed: int = 0) -> Workspace:
+    """A workspace with frames and masks written directly (what `vd mask` would leave)."""
+    video, masks = moving_disc(frames, size, size, seed=seed)
+    source = {"path": "synthetic", "sha256": f"synthetic-{frames}-{size}-{seed}", "frames": frames,
+              "size": [size, size], "start": 0, "stride": 1, "fps": 8.0, "fps_out": 8.0}
+    ws = Workspace.create(path, source)
+    ws.write_array("video/frames", video)
+    ws.write_array("masks/raw", masks)
+    ws.write_array("masks/edit", masks)
+    return ws
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Workspace:
+    """A 4-frame 64x64 workspace with ground-truth masks."""
+    return make_workspace(tmp_path / "ws")
+
+
+@pytest.fixture
+def disc_clip() -> tuple[np.ndarray, np.ndarray]:
+    """8 frames of 128x128 video and the ground-truth mask."""
+    return moving_disc(8, 128, 128)

@@ -1,0 +1,1 @@
+"""The `vd` command line: a thin Typer app over stages/."""
