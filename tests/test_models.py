@@ -1,0 +1,398 @@
+"""stages.models / stages.tokenizer / `vd models`: tiny model, tokenizer ids, shapes, per-frame GroupNorm,
+and the real loading paths exercised on tiny checkpoints written in the real on-disk formats."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stages import models as M
+from stages.errors import InputError, ModelMissingError, UsageError
+from stages.synthetic import moving_disc
+from stages.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, clip_tokenizer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny ops gain nothing from threads, and on a shared 2-core machine two OpenMP threads stall each other
+    # (measured: 0.09 s vs 0.3-8 s per tiny UNet forward under load).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(one_thread) -> M.Models:
+    return M.load_models("tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_parts(one_thread):
+    """The un-assembled tiny components (unet2d, adapter, vae, text) as load_models builds them."""
+    return M._build_random("tiny", M.TINY_SEED)
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k].cpu(), sb[k].cpu()), k
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+def test_tokenizer_gives_sd15_ids():
+    tok = clip_tokenizer()
+    ids = tok(["a photo of a cat"], padding="max_length", max_length=77, truncation=True).input_ids[0]
+    assert ids[:7] == [BOS_ID, 320, 1125, 539, 320, 2368, EOS_ID]
+    assert len(ids) == 77 and set(ids[7:]) == {EOS_ID}
+    assert len(tok) == VOCAB_SIZE
+    # punctuation and case are split / folded like CLIP
+    assert tok("A Cat,")["input_ids"] == [BOS_ID, 320, 2368, 267, EOS_ID]
+    long = tok(["word " * 200], padding="max_length", max_length=77, truncation=True).input_ids[0]
+    assert len(long) == 77 and long[-1] == EOS_ID
+
+
+# ------------------------------------------------------------------------------------------- tiny spec
+
+def test_tiny_is_deterministic_and_frozen(tiny):
+    again = M.load_models("tiny")
+    _assert_same_weights(tiny.unet, again.unet)
+    _assert_same_weights(tiny.vae, again.vae)
+    _assert_same_weights(tiny.text_encoder, again.text_encoder)
+    assert tiny.fingerprint == again.fingerprint and tiny.fingerprint.startswith("tiny-0-")
+    other = M.load_models("tiny", seed=1)
+    assert other.fingerprint != tiny.fingerprint
+    assert not torch.equal(other.unet.conv_in.weight, tiny.unet.conv_in.weight)
+    for model in (tiny.unet, tiny.vae, tiny.text_encoder):
+        assert not model.training
+        assert not any(p.requires_grad for p in model.parameters())
+    assert tiny.device.type == "cpu" and tiny.dtype == torch.float32
+    assert tiny.text_encoder.config.vocab_size == VOCAB_SIZE
+    assert tiny.max_frames == 32
+    # SD1.5 module names, motion modules everywhere except the mid block
+    names = dict(tiny.unet.named_modules())
+    assert "down_blocks.1.attentions.0.transformer_blocks.0.attn1" in names
+    assert "up_blocks.1.motion_modules.0.transformer_blocks.0.attn1" in names
+    assert not any(n.startswith("mid_block.motion_modules") for n in names)
+    assert len(M.motion_norms(tiny.unet)) == 4 * 2 + 4 * 3
+    # the taming: perturbed norm affines, non-zero motion proj_out
+    assert not torch.allclose(tiny.unet.conv_norm_out.weight, torch.ones_like(tiny.unet.conv_norm_out.weight))
+    assert tiny.unet.up_blocks[1].motion_modules[0].proj_out.weight.abs().mean() > 1e-3
+
+
+def test_shapes_and_dtypes(tiny):
+    emb = M.encode_text(tiny, ["a photo of a cat", ""])
+    assert emb.shape == (2, 77, 32) and emb.dtype == torch.float32
+    video, _ = moving_disc(4, 64, 64, seed=0)
+    z = M.vae_encode(tiny, video)
+    assert z.shape == (4, 4, 8, 8) and z.dtype == torch.float32
+    assert torch.equal(z, M.vae_encode(tiny, video, seed=42))
+    assert not torch.equal(z, M.vae_encode(tiny, video, seed=7))  # a posterior sample, not the mode
+    frames = M.vae_decode(tiny, z)
+    assert frames.shape == (4, 64, 64, 3) and frames.dtype == np.uint8
+    cond = emb[:1].repeat(8, 1, 1)
+    eps = M.unet_eps(tiny, torch.stack([z, z + 0.1]), 500, cond)
+    assert eps.shape == (2, 4, 4, 8, 8) and eps.dtype == torch.float32
+    assert 0.2 < eps.std().item() < 3.0  # O(1), not exploded
+    with pytest.raises(InputError):
+        M.vae_encode(tiny, video.astype(np.float32))
+
+
+def test_unet_eps_rows_are_batch_major_and_gradients_flow(tiny):
+    torch.manual_seed(0)
+    z = torch.randn(2, 4, 4, 8, 8)
+    emb = M.encode_text(tiny, ["a red car", "a blue bird", ""])
+    rows = torch.cat([emb[0:1].repeat(4, 1, 1), emb[1:2].repeat(4, 1, 1)])
+    both = M.unet_eps(tiny, z, 300, rows)
+    second = M.unet_eps(tiny, z[1:], 300, rows[4:])
+    assert torch.allclose(both[1:], second, atol=1e-5)
+    null = emb[2:3].repeat(4, 1, 1).clone().requires_grad_(True)
+    M.unet_eps(tiny, z[:1], 300, null).square().mean().backward()
+    assert null.grad is not None and null.grad.abs().sum() > 0
+
+
+def test_cfg_does_not_explode(tiny):
+    from stages.ddim import cfg, ddim_step, make_schedule
+
+    emb = M.encode_text(tiny, ["a majestic red dragon flying over snowy mountains", ""])
+    cond, uncond = emb[0:1].repeat(4, 1, 1), emb[1:2].repeat(4, 1, 1)
+    torch.manual_seed(0)
+    z = torch.randn(1, 4, 4, 8, 8)
+    sched = make_schedule("vd", 50)
+    eu, ec = M.unet_eps(tiny, z, sched.timesteps[10], uncond), M.unet_eps(tiny, z, sched.timesteps[10], cond)
+    rel = ((ec - eu).norm() / eu.norm()).item()
+    assert 1e-4 < rel < 0.1  # the text matters, but CFG x8.5 stays a perturbation
+    plain = guided = z
+    for i in range(10, 13):
+        t, tp = sched.timesteps[i], sched.prev[i]
+        eps_u = M.unet_eps(tiny, guided, t, uncond)
+        guided = ddim_step(guided, cfg(eps_u, M.unet_eps(tiny, guided, t, cond), 7.5), t, tp)
+        plain = ddim_step(plain, M.unet_eps(tiny, plain, t, uncond), t, tp)
+    assert torch.isfinite(guided).all()
+    assert guided.std() < 2 * plain.std()
+
+
+# --------------------------------------------------------------------------------- per-frame GroupNorm
+
+def test_per_frame_groupnorm_switch(tiny):
+    unet = tiny.unet
+    mm = unet.up_blocks[1].motion_modules[0]
+    c = mm.in_channels
+    torch.manual_seed(0)
+    scale = torch.tensor([1.0, 3.0, 0.5, 2.0]).repeat(2).view(8, 1, 1, 1)
+    x = torch.randn(8, c, 8, 8) * scale + torch.arange(8.0).view(8, 1, 1, 1)
+    spatial = unet.up_blocks[1].attentions[0]
+    emb = torch.randn(8, 77, 32)
+    try:
+        M.set_per_frame_groupnorm(unet, True)
+        per_frame = mm(x, num_frames=4)
+        one_frame_a = mm(x[:2], num_frames=1)
+        spatial_a = spatial(x, encoder_hidden_states=emb).sample
+        M.set_per_frame_groupnorm(unet, False)
+        across = mm(x, num_frames=4)
+        one_frame_b = mm(x[:2], num_frames=1)
+        spatial_b = spatial(x, encoder_hidden_states=emb).sample
+    finally:
+        M.set_per_frame_groupnorm(unet, True)
+    assert (per_frame - across).abs().max() > 1e-2  # frames with different stats: the switch matters
+    assert torch.equal(one_frame_a, one_frame_b)  # one frame: both conventions are the same
+    assert torch.equal(spatial_a, spatial_b)  # spatial modules untouched
+    # per-frame means exactly GroupNorm on each frame separately
+    norm = mm.norm
+    y = x.view(2, 4, c, 8, 8).permute(0, 2, 1, 3, 4)
+    ref = torch.nn.functional.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    assert torch.allclose(norm(y), ref.view(2, 4, c, 8, 8).permute(0, 2, 1, 3, 4), atol=1e-5)
+    # only the motion-module norms were re-classed
+    classed = [n for n, m in unet.named_modules() if isinstance(m, M.PerFrameGroupNorm)]
+    assert classed and all(".motion_modules." in n for n in classed)
+
+
+def test_load_models_switch_changes_unet_output(tiny):
+    across = M.load_models("tiny", per_frame_groupnorm=False)
+    torch.manual_seed(0)
+    z = torch.randn(1, 4, 4, 8, 8) * torch.tensor([1.0, 2.0, 0.5, 3.0]).view(1, 4, 1, 1, 1)
+    emb = M.encode_text(tiny, [""]).repeat(4, 1, 1)
+    assert not torch.allclose(M.unet_eps(tiny, z, 400, emb), M.unet_eps(across, z, 400, emb), atol=1e-4)
+    assert torch.allclose(M.unet_eps(tiny, z[:, :1], 400, emb[:1]), M.unet_eps(across, z[:, :1], 400, emb[:1]),
+                          atol=1e-5)
+
+
+# ------------------------------------------------------------------- real loading paths on tiny weights
+
+def _write_sd15_folder(root: Path, tiny_parts) -> Path:
+    unet2d, _, vae, text, _ = tiny_parts
+    unet2d.save_pretrained(root / "unet")
+    vae.save_pretrained(root / "vae")
+    text.save_pretrained(root / "text_encoder")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return root
+
+
+def _ldm_unet(unet2d) -> dict[str, torch.Tensor]:
+    """diffusers UNet2DConditionModel (SD1.5 layout) -> original LDM keys."""
+    sd = unet2d.state_dict()
+    lpb = unet2d.config.layers_per_block
+    ren = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+           "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+           "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
+           "mid_block.resnets.1": "middle_block.2"}
+    for i in range(len(unet2d.down_blocks)):
+        for j in range(lpb):
+            ren[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{3 * i + j + 1}.0"
+            ren[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{3 * i + j + 1}.1"
+        ren[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{3 * i + 3}.0.op"
+    for i, block in enumerate(unet2d.up_blocks):
+        for j in range(lpb + 1):
+            ren[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{3 * i + j}.0"
+            ren[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{3 * i + j}.1"
+        ren[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{3 * i + lpb}.{2 if hasattr(block, 'attentions') else 1}.conv"
+    resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+              "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+    out = {}
+    for key, value in sd.items():
+        prefix = max((p for p in ren if key.startswith(p + ".")), key=len)
+        rest = key[len(prefix) + 1:]
+        if ".resnets." in prefix or prefix.startswith("mid_block.resnets"):
+            head, _, tail = rest.partition(".")
+            rest = f"{resnet[head]}.{tail}"
+        out[f"model.diffusion_model.{ren[prefix]}.{rest}"] = value
+    return out
+
+
+def _ldm_vae(vae) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKL -> original LDM keys (first_stage_model.*, 1x1-conv attention)."""
+    n = len(vae.config.block_out_channels)
+    ren = {"encoder.conv_norm_out": "encoder.norm_out", "decoder.conv_norm_out": "decoder.norm_out"}
+    for part in ("encoder", "decoder"):
+        ren[f"{part}.mid_block.resnets.0"] = f"{part}.mid.block_1"
+        ren[f"{part}.mid_block.resnets.1"] = f"{part}.mid.block_2"
+        ren[f"{part}.mid_block.attentions.0"] = f"{part}.mid.attn_1"
+    for i in range(n):
+        for j in range(vae.config.layers_per_block + 1):
+            ren[f"encoder.down_blocks.{i}.resnets.{j}"] = f"encoder.down.{i}.block.{j}"
+            ren[f"decoder.up_blocks.{i}.resnets.{j}"] = f"decoder.up.{n - 1 - i}.block.{j}"
+        ren[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = f"encoder.down.{i}.downsample.conv"
+        ren[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = f"decoder.up.{n - 1 - i}.upsample.conv"
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    out = {}
+    for key, value in vae.state_dict().items():
+        prefixes = [p for p in ren if key.startswith(p + ".")]
+        if prefixes:
+            prefix = max(prefixes, key=len)
+            rest = key[len(prefix) + 1:].replace("conv_shortcut", "nin_shortcut")
+            if "attentions" in prefix:
+                head, _, tail = rest.rpartition(".")
+                rest = f"{attn[head]}.{tail}"
+                if value.ndim == 2:
+                    value = value[:, :, None, None]
+            key = f"{ren[prefix]}.{rest}"
+        out[f"first_stage_model.{key}"] = value
+    return out
+
+
+def test_diffusers_folder_and_adapter_folder(tmp_path, tiny_parts, tiny):
+    folder = _write_sd15_folder(tmp_path / "sd15", tiny_parts)
+    tiny_parts[1].save_pretrained(tmp_path / "adapter")
+    m = M.load_models(str(folder), motion_adapter=tmp_path / "adapter")
+    _assert_same_weights(m.unet, tiny.unet)
+    _assert_same_weights(m.vae, tiny.vae)
+    _assert_same_weights(m.text_encoder, tiny.text_encoder)
+    assert m.tokenizer("a photo of a cat").input_ids[:3] == [BOS_ID, 320, 1125]
+    assert m.fingerprint.startswith("sd15-animatediff-")
+    # VD_SD15 + the default spec take the same path and give the same fingerprint
+    m2 = M.load_models("sd15-animatediff-v3", sd15=folder, motion_adapter=tmp_path / "adapter")
+    assert m2.fingerprint == m.fingerprint
+    shutil.copytree(folder, tmp_path / "moved")  # same weights elsewhere: same fingerprint
+    assert M.load_models(str(tmp_path / "moved"), motion_adapter=tmp_path / "adapter").fingerprint == m.fingerprint
+
+
+def test_hub_cache_branch(tmp_path, tiny_parts, monkeypatch):
+    folder = _write_sd15_folder(tmp_path / "sd15", tiny_parts)
+    tiny_parts[1].save_pretrained(tmp_path / "adapter")
+    snapshots = {M.SD15_REPO: folder, M.ADAPTER_REPO: tmp_path / "adapter"}
+    monkeypatch.setattr(M, "_hub_snapshot", lambda repo: snapshots.get(repo))
+    for var in ("VD_SD15", "VD_MOTION_ADAPTER"):
+        monkeypatch.delenv(var, raising=False)
+    m = M.load_models("sd15-animatediff-v3")
+    assert m.sources == {"sd15": f"hub:{M.SD15_REPO}", "motion_adapter": f"hub:{M.ADAPTER_REPO}"}
+    status = M.models_status()
+    assert status["specs"]["sd15-animatediff-v3"]
+    # a different weight file -> a different fingerprint
+    M._build_random("tiny", 1)[0].save_pretrained(folder / "unet")
+    assert M.load_models("sd15-animatediff-v3").fingerprint != m.fingerprint
+
+
+def test_single_file_checkpoint_and_original_motion_module(tmp_path, tiny_parts, tiny):
+    from safetensors.torch import save_file
+
+    unet2d, adapter, vae, text, _ = tiny_parts
+    config_dir = _write_sd15_folder(tmp_path / "cfg", tiny_parts)
+    ckpt = {**_ldm_unet(unet2d), **_ldm_vae(vae)}
+    ckpt.update({f"cond_stage_model.transformer.{k}": v for k, v in text.state_dict().items()})
+    ckpt = {k: v.contiguous() for k, v in ckpt.items()}
+    single = tmp_path / "tinyVision.safetensors"
+    save_file(ckpt, str(single))
+    # original AnimateDiff v3 layout, saved with torch.save
+    original = {}
+    for key, value in adapter.state_dict().items():
+        parts = key.split(".")
+        key = ".".join(parts[:4] + ["temporal_transformer"] + parts[4:])
+        key = (key.replace(".norm1", ".norms.0").replace(".norm2", ".norms.1").replace(".norm3", ".ff_norm")
+               .replace(".attn1", ".attention_blocks.0").replace(".attn2", ".attention_blocks.1"))
+        if key.endswith(".pos_embed.pe"):
+            for a in (0, 1):
+                original[key.replace(".pos_embed.pe", f".attention_blocks.{a}.pos_encoder.pe")] = value
+            continue
+        original[key] = value
+    original["unrelated.weight"] = torch.zeros(1)  # non-motion keys are ignored
+    mm = tmp_path / "v3_tiny_mm.ckpt"
+    torch.save(original, mm)
+    assert M.adapter_config_from_state_dict(M.convert_original_motion_module(original))["block_out_channels"] == [32, 32, 64, 64]
+
+    m = M.load_models(str(single), motion_adapter=mm, sd15_config=config_dir)
+    _assert_same_weights(m.unet, tiny.unet)
+    _assert_same_weights(m.vae, tiny.vae)
+    _assert_same_weights(m.text_encoder, tiny.text_encoder)
+    assert m.sources["sd15"] == str(single)
+    video, _ = moving_disc(4, 64, 64, seed=1)
+    assert torch.equal(M.vae_encode(m, video), M.vae_encode(tiny, video))
+
+    # a checkpoint that is not SD1.5
+    bad = tmp_path / "bad.safetensors"
+    save_file({"x": torch.zeros(1)}, str(bad))
+    with pytest.raises(InputError):
+        M.load_models(str(bad), motion_adapter=mm, sd15_config=config_dir)
+
+
+def test_missing_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(M, "_hub_snapshot", lambda repo: None)
+    monkeypatch.delenv("VD_SD15", raising=False)
+    monkeypatch.delenv("VD_MOTION_ADAPTER", raising=False)
+    with pytest.raises(ModelMissingError, match="hf download") as info:
+        M.load_models("sd15-animatediff-v3")
+    assert info.value.exit_code == 4 and "\n" not in str(info.value)
+    with pytest.raises(ModelMissingError):
+        M.load_models(str(tmp_path / "nope.safetensors"))
+    with pytest.raises(UsageError):
+        M.load_models("sd15")  # a typo, not a path
+    monkeypatch.setenv("VD_SD15", str(tmp_path / "nowhere"))
+    with pytest.raises(ModelMissingError, match="VD_SD15"):
+        M.load_models("sd15-animatediff-v3")
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def test_cli_models_json(tmp_path, monkeypatch, tiny_parts):
+    from typer.testing import CliRunner
+
+    from vdcli.app import app
+
+    monkeypatch.setattr(M, "_hub_snapshot", lambda repo: None)  # an empty Hugging Face cache
+    for var in ("VD_SD15", "VD_MOTION_ADAPTER"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("VD_SAM2_DIR", str(tmp_path / "sam2"))
+    runner = CliRunner()
+    result = runner.invoke(app, ["models", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    comps = {c["name"]: c for c in out["components"]}
+    assert not comps["sd15"]["present"] and "hf download" in comps["sd15"]["get"]
+    assert not comps["motion_adapter"]["present"] and "v3_sd15_mm.ckpt" in comps["motion_adapter"]["get"]
+    assert comps["clip-bpe"]["present"]
+    assert out["specs"] == {"tiny": True, "sd15-animatediff-v3": False}
+    sam2 = [c for c in out["components"] if c["name"].startswith("sam2")]
+    assert sam2 and all(c["get"] for c in sam2 if not c["present"])
+
+    # weights given through the environment are found (an SD1.5 folder, an original motion-module file,
+    # a SAM2 checkpoint in VD_SAM2_DIR)
+    _write_sd15_folder(tmp_path / "sd15", tiny_parts)
+    (tmp_path / "mm.ckpt").write_bytes(b"x")
+    monkeypatch.setenv("VD_SD15", str(tmp_path / "sd15"))
+    monkeypatch.setenv("VD_MOTION_ADAPTER", str(tmp_path / "mm.ckpt"))
+    sam2_names = [c["name"].removeprefix("sam2-") for c in sam2]
+    if "tiny" in sam2_names:
+        from stages.sam2_track import SAM2_CHECKPOINTS
+
+        (tmp_path / "sam2").mkdir()
+        (tmp_path / "sam2" / SAM2_CHECKPOINTS["tiny"].filename).write_bytes(b"x")
+    out = json.loads(runner.invoke(app, ["models", "--json"]).stdout)
+    comps = {c["name"]: c for c in out["components"]}
+    assert comps["sd15"]["present"] and comps["sd15"]["path"] == str(tmp_path / "sd15")
+    assert comps["motion_adapter"]["present"] and comps["motion_adapter"]["get"] is None
+    assert out["specs"]["sd15-animatediff-v3"]
+    if "tiny" in sam2_names:
+        assert comps["sam2-tiny"]["present"]
+    human = runner.invoke(app, ["models"])
+    assert human.exit_code == 0 and "sd15" in human.stdout and "present" in human.stdout
