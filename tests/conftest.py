@@ -10,9 +10,15 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 from stages.synthetic import moving_disc  # noqa: E402
 from stages.workspace import Workspace  # noqa: E402
+
+# Tiny models spend their time in thread hand-offs, not arithmetic: one thread is several times faster.
+torch.set_num_threads(1)
 
 
 def make_workspace(path: Path, frames: int = 4, size: int = 64, seed: int = 0) -> Workspace:
