@@ -45,9 +45,9 @@ def demo(
         out.print("timings        " + ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items()))
         if r["tiny"]:
             out.print("[yellow]tiny random model: the output is noise that proves the plumbing; "
-                      "real edits need the real weights (vd models)[/]")
+                      "real edits need the real weights (vd models)[/]", soft_wrap=True)
         out.print("the same from a shell:")
         for c in r["commands"]:
-            out.print(f"  {c}", markup=False, highlight=False)
+            out.print(f"  {c}", markup=False, highlight=False, soft_wrap=True)
 
     run(work, json_out, quiet, human)

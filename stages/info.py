@@ -1,0 +1,215 @@
+"""Stage `vd info`: what each stage left in a workspace, read defensively (any subset of stages)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.workspace import Workspace
+
+STAGE_DIRS = ("video", "masks", "inversion", "edits", "eval")
+
+
+def run_info(path: str | Path) -> dict[str, Any]:
+    """Summarise workspace `path` as a JSON-friendly dict (missing parts are simply absent/None)."""
+    ws = Workspace.open(path)
+    attrs = ws.attrs
+    source = attrs.get("source") or {}
+    result: dict[str, Any] = {
+        "workspace": str(ws.path.resolve()),
+        "schema": attrs.get("schema"),
+        "vd_version": attrs.get("vd_version"),
+        "created": attrs.get("created"),
+        "source": {k: source.get(k) for k in ("path", "sha256", "fps", "fps_out", "frames", "size", "start",
+                                               "stride", "fps_sample", "sample", "resize", "indices")
+                   if k in source},
+        "video": _video(ws),
+        "masks": _masks(ws),
+        "inversion": _inversion(ws),
+        "edits": _edits(ws),
+        "eval": _eval(ws),
+    }
+    sizes = {name: ws.size_bytes(name) for name in STAGE_DIRS if (ws.path / name).exists()}
+    sizes["total"] = ws.size_bytes()
+    result["sizes"] = sizes
+    return result
+
+
+def _safe(fn: Any) -> Any:
+    def wrapped(ws: Workspace) -> Any:
+        try:
+            return fn(ws)
+        except Exception as exc:  # a damaged part must not hide the rest
+            return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    return wrapped
+
+
+@_safe
+def _video(ws: Workspace) -> dict[str, Any] | None:
+    if not ws.has("video/frames"):
+        return None
+    arr = ws.array("video/frames")
+    return {"shape": list(arr.shape), "dtype": str(arr.dtype)}
+
+
+@_safe
+def _masks(ws: Workspace) -> dict[str, Any] | None:
+    if not ws.has("masks"):
+        return None
+    attrs = ws.group_attrs("masks")
+    out: dict[str, Any] = {"method": attrs.get("method"), "ellipse": attrs.get("ellipse"),
+                           "arrays": [n for n in ("raw", "edit") if ws.has(f"masks/{n}")]}
+    for name in ("raw", "edit"):
+        coverage = attrs.get(f"coverage_{name}")
+        if coverage is None and ws.has(f"masks/{name}"):
+            coverage = [round(float(m.mean()), 5) for m in ws.read(f"masks/{name}")]
+        if coverage is not None:
+            out[f"coverage_{name}"] = coverage
+            out[f"coverage_{name}_mean"] = round(float(np.mean(coverage)), 5) if coverage else 0.0
+    for key in ("sam2", "points", "box", "prompt_frame", "mask_dir", "mask_video", "empty_frames"):
+        if attrs.get(key) not in (None, [], ""):
+            out[key] = attrs[key]
+    preview = ws.file_path("masks/preview.gif")
+    out["preview"] = str(preview.resolve()) if preview.is_file() else None
+    return out
+
+
+@_safe
+def _inversion(ws: Workspace) -> dict[str, Any] | None:
+    if not ws.has("inversion"):
+        return None
+    attrs = ws.group_attrs("inversion")
+    model = attrs.get("model")
+    out: dict[str, Any] = {
+        "status": attrs.get("status"),
+        "prompt": attrs.get("prompt"),
+        "subject": attrs.get("subject"),
+        "model": model.get("spec") if isinstance(model, dict) else model,
+        "schedule": attrs.get("schedule"),
+        "config_hash": attrs.get("config_hash"),
+    }
+    if ws.has("inversion/done"):
+        done = np.asarray(ws.read("inversion/done")).astype(bool)
+        out["steps_done"], out["steps_total"] = int(done.sum()), int(done.size)
+    elif isinstance(attrs.get("timesteps"), list):
+        out["steps_total"] = len(attrs["timesteps"])
+    for key in ("timings", "counts", "recon", "metrics"):
+        if attrs.get(key) is not None:
+            out[key] = attrs[key]
+    out["arrays"] = sorted(_arrays_under(ws, "inversion"))
+    return {k: v for k, v in out.items() if v is not None}
+
+
+@_safe
+def _edits(ws: Workspace) -> list[dict[str, Any]] | None:
+    root = ws.path / "edits"
+    if not root.is_dir():
+        return None
+    edits = []
+    for child in sorted(p for p in root.iterdir() if (p / "zarr.json").is_file()):
+        attrs = ws.group_attrs(f"edits/{child.name}")
+        entry = {"name": child.name, "prompt": attrs.get("prompt"), "resolved_prompt": attrs.get("resolved_prompt"),
+                 "status": attrs.get("status"), "frames": ws.has(f"edits/{child.name}/frames"),
+                 "mp4": str(child / "edit.mp4") if (child / "edit.mp4").is_file() else None}
+        if attrs.get("timings") is not None:
+            entry["timings"] = attrs["timings"]
+        edits.append({k: v for k, v in entry.items() if v is not None})
+    return edits
+
+
+@_safe
+def _eval(ws: Workspace) -> list[dict[str, Any]] | None:
+    root = ws.path / "eval"
+    if not root.is_dir():
+        return None
+    return [{"name": child.name, "metrics": ws.group_attrs(f"eval/{child.name}").get("metrics")}
+            for child in sorted(p for p in root.iterdir() if (p / "zarr.json").is_file())]
+
+
+def _arrays_under(ws: Workspace, name: str) -> list[str]:
+    """Names of arrays below group `name` (found through their zarr.json node type)."""
+    import json
+
+    found = []
+    for meta in (ws.path / name).rglob("zarr.json"):
+        try:
+            node = json.loads(meta.read_text()).get("node_type")
+        except (OSError, ValueError):
+            continue
+        if node == "array":
+            found.append(str(meta.parent.relative_to(ws.path)))
+    return found
+
+
+def human_size(count: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def format_info(info: dict[str, Any]) -> list[str]:
+    """Human-readable lines for `vd info`."""
+    lines = [f"workspace  {info['workspace']}  ({info.get('schema')}, vd {info.get('vd_version')})"]
+    src = info.get("source") or {}
+    if src:
+        size = src.get("size") or ["?", "?"]
+        fps_out = src.get("fps_out")
+        lines.append(f"source     {src.get('path', '?')}  sha256 {str(src.get('sha256', '?'))[:12]}")
+        lines.append(f"frames     {src.get('frames', '?')} x {size[1]}x{size[0]} ({src.get('resize', '?')}), "
+                     f"indices {_short_list(src.get('indices'))}, "
+                     f"fps {_num(src.get('fps'))} -> {_num(fps_out)}")
+    video = info.get("video")
+    lines.append(f"video      {'missing' if not video else video.get('error') or video.get('shape')}")
+    masks = info.get("masks")
+    if masks is None:
+        lines.append("masks      none (run `vd mask`)")
+    elif "error" in masks:
+        lines.append(f"masks      unreadable: {masks['error']}")
+    else:
+        lines.append(f"masks      {masks.get('method')}, ellipse {'on' if masks.get('ellipse') else 'off'}, "
+                     f"coverage raw {_pct(masks.get('coverage_raw_mean'))} edit {_pct(masks.get('coverage_edit_mean'))}"
+                     + (f", preview {masks['preview']}" if masks.get("preview") else ""))
+    inv = info.get("inversion")
+    if inv is None:
+        lines.append("inversion  none (run `vd invert`)")
+    elif "error" in inv and len(inv) == 1:
+        lines.append(f"inversion  unreadable: {inv['error']}")
+    else:
+        steps = f"{inv.get('steps_done', '?')}/{inv.get('steps_total', '?')} steps"
+        lines.append(f"inversion  {inv.get('status', '?')}, {steps}, model {inv.get('model', '?')}, "
+                     f"prompt {inv.get('prompt')!r}")
+    edits = info.get("edits")
+    if isinstance(edits, list) and edits:
+        for edit in edits:
+            lines.append(f"edit       {edit.get('name')}: {edit.get('status', '?')}, prompt {edit.get('prompt')!r}")
+    elif isinstance(edits, dict):
+        lines.append(f"edits      unreadable: {edits.get('error')}")
+    evals = info.get("eval")
+    if isinstance(evals, list):
+        for entry in evals:
+            metrics = entry.get("metrics") or {}
+            shown = ", ".join(f"{k} {_num(v)}" for k, v in list(metrics.items())[:6]) if isinstance(metrics, dict) else metrics
+            lines.append(f"eval       {entry.get('name')}: {shown}")
+    sizes = info.get("sizes") or {}
+    lines.append("disk       " + ", ".join(f"{k} {human_size(v)}" for k, v in sizes.items()))
+    return lines
+
+
+def _short_list(values: Any) -> str:
+    if not isinstance(values, list):
+        return "?"
+    return str(values) if len(values) <= 8 else f"[{values[0]}, {values[1]}, ... {values[-1]}]"
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "?"
