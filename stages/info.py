@@ -194,7 +194,9 @@ def format_info(info: dict[str, Any]) -> list[str]:
     if isinstance(evals, list):
         for entry in evals:
             metrics = entry.get("metrics") or {}
-            shown = ", ".join(f"{k} {_num(v)}" for k, v in list(metrics.items())[:6]) if isinstance(metrics, dict) else metrics
+            # metrics without weights are stored as {"available": false, ...}: list only the numbers here
+            numbers = {k: v for k, v in metrics.items() if not isinstance(v, dict)} if isinstance(metrics, dict) else {}
+            shown = ", ".join(f"{k} {_num(v)}" for k, v in list(numbers.items())[:6]) if numbers else metrics
             lines.append(f"eval       {entry.get('name')}: {shown}")
     sizes = info.get("sizes") or {}
     lines.append("disk       " + ", ".join(f"{k} {human_size(v)}" for k, v in sizes.items()))
