@@ -1,0 +1,167 @@
+"""`vd invert`: DDIM inversion + multi-frame null-text optimisation with STDG (resumable)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from vdcli.common import JsonOpt, QuietOpt, app, run
+
+_IN, _MODEL, _METHOD, _RUN = "Input", "Model", "Method", "Runtime"
+
+
+def _preset_section(preset: str | None) -> dict[str, Any]:
+    """The `invert:` section of a preset (a preset without stage sections is taken whole)."""
+    from stages.config import load_preset
+
+    data = load_preset(preset)
+    if isinstance(data.get("invert"), dict):
+        return dict(data["invert"])
+    if any(isinstance(v, dict) for v in data.values()):
+        return {}
+    return data
+
+
+@app.command("invert")
+def invert_command(
+    workspace: Annotated[Path, typer.Argument(metavar="WS", show_default=False,
+                                              help="Workspace made by `vd mask` (frames + masks).")],
+    prompt: Annotated[Optional[str], typer.Option(
+        "--prompt", "-p", metavar="TEXT", rich_help_panel=_IN,
+        help="Description of the SOURCE video, e.g. \"A brown bear, walking on rocky terrain\". "
+             "Optional when resuming: the stored prompt is used.")] = None,
+    subject: Annotated[Optional[str], typer.Option(
+        "--subject", metavar="TEXT", rich_help_panel=_IN,
+        help="The words of the prompt naming the edited subject (\"brown bear\"); `vd edit --prompt tiger` "
+             "replaces them.")] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option(
+        "--negative-prompt", metavar="TEXT", rich_help_panel=_IN,
+        help="Initialises the null text (and the plain-DDIM comparison). \\[default: \"\"]")] = None,
+    preset: Annotated[Optional[str], typer.Option(
+        "--preset", metavar="NAME|FILE", rich_help_panel=_METHOD,
+        help="Preset name (default, foreground, background, fast, bear, ...) or YAML file; its `invert:` "
+             "section, overridden by flags.")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", metavar="SPEC", rich_help_panel=_MODEL,
+        help="sd15-animatediff-v3, tiny, sd15-random, an SD1.5 folder or .safetensors. "
+             "\\[default: sd15-animatediff-v3]")] = None,
+    steps: Annotated[Optional[int], typer.Option(
+        "--steps", rich_help_panel=_METHOD, help="DDIM steps S. \\[default: 50]")] = None,
+    cfg_scale: Annotated[Optional[float], typer.Option(
+        "--cfg", rich_help_panel=_METHOD,
+        help="Guidance w in the reference form eps_c + w (eps_c - eps_u); w = 7.5 equals diffusers' "
+             "guidance_scale 8.5. \\[default: 7.5]")] = None,
+    null_steps: Annotated[Optional[int], typer.Option(
+        "--null-steps", rich_help_panel=_METHOD,
+        help="Max Adam iterations per step for the null text (early stop 1e-5 + i*2e-5). \\[default: 10]")] = None,
+    stdg: Annotated[Optional[str], typer.Option(
+        "--stdg", metavar="ETA_F,ETA_B,ZETA_F,ZETA_B", rich_help_panel=_METHOD,
+        help="STDG coefficients: temporal fg/bg, appearance fg/bg. \\[default: 0.5,0.5,0,0.5; "
+             "background region 0.5,0.5,0.5,0]")] = None,
+    region: Annotated[Optional[str], typer.Option(
+        "--region", rich_help_panel=_METHOD,
+        help="foreground (edit the subject) or background editing; picks the default --stdg and is "
+             "checked by `vd edit --background`. \\[default: foreground]")] = None,
+    no_stdg: Annotated[bool, typer.Option("--no-stdg", rich_help_panel=_METHOD,
+                                          help="No STDG (plain multi-frame null-text inversion).")] = False,
+    shared_null: Annotated[bool, typer.Option(
+        "--shared-null", rich_help_panel=_METHOD, help="One null text for all frames (car_turn) instead of one "
+                                                      "per frame.")] = False,
+    schedule: Annotated[Optional[str], typer.Option(
+        "--schedule", rich_help_panel=_METHOD,
+        help="vd (one consistent grid) or reference (the reference code's grids and t-20 rule, for "
+             "number-for-number comparison). \\[default: vd]")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", rich_help_panel=_METHOD,
+                                                help="Seed of the VAE posterior sample. \\[default: 42]")] = None,
+    per_frame_groupnorm: Annotated[Optional[bool], typer.Option(
+        "--per-frame-groupnorm/--no-per-frame-groupnorm", rich_help_panel=_MODEL, show_default=False,
+        help="Motion-module GroupNorm per frame like the original AnimateDiff (default) or across frames "
+             "like diffusers.")] = None,
+    store_components: Annotated[bool, typer.Option(
+        "--store-components", rich_help_panel=_METHOD,
+        help="Also store the four STDG gradient terms per step (4 extra backward passes per step).")] = False,
+    plain: Annotated[bool, typer.Option(
+        "--plain", rich_help_panel=_METHOD,
+        help="Run the method step by step as the reference does (4x GT/grad passes; benchmark baseline).")] = False,
+    compare_ddim: Annotated[bool, typer.Option(
+        "--compare-ddim", rich_help_panel=_RUN,
+        help="Also report plain DDIM (CFG, negative prompt) reconstruction PSNR (S extra batch-2 forwards).")] = False,
+    restart: Annotated[bool, typer.Option(
+        "--restart", rich_help_panel=_RUN,
+        help="Discard a stored (finished or partial) inversion and start over.")] = False,
+    device: Annotated[str, typer.Option("--device", rich_help_panel=_RUN, help="auto, cpu or cuda[:N].")] = "auto",
+    dtype: Annotated[Optional[str], typer.Option(
+        "--dtype", rich_help_panel=_RUN,
+        help="auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16. \\[default: auto]")] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Invert the clip for editing: DDIM inversion, then per-step null-text optimisation with STDG.
+
+    Every finished step is saved; Ctrl-C (exit 130) keeps them and rerunning the same command resumes.
+    Writes inversion/ in the workspace (trajectory, null embeddings, STDG guidance, reconstruction.mp4,
+    preview.gif) and prints the reconstruction quality.
+    """
+
+    def work(progress: Any) -> dict[str, Any]:
+        from stages.errors import UsageError
+        from stages.guidance import parse_coefficients
+        from stages.invert import resolve_config, run_invert
+        from stages.workspace import Workspace
+
+        coefficients = None
+        if stdg is not None:
+            try:
+                coefficients = list(parse_coefficients(stdg))
+            except ValueError as exc:
+                raise UsageError(f"--stdg: {exc}") from None
+        if no_stdg and coefficients is not None:
+            raise UsageError("--stdg and --no-stdg contradict each other")
+        if prompt is not None and not prompt.strip():
+            raise UsageError("--prompt must not be empty: describe the source video")
+        ws = Workspace.open(workspace)
+        flags: dict[str, Any] = {
+            "prompt": prompt, "subject": subject, "negative_prompt": negative_prompt, "model": model,
+            "steps": steps, "cfg": cfg_scale, "null_steps": null_steps, "stdg": coefficients, "region": region,
+            "use_stdg": False if no_stdg else (True if coefficients is not None else None),
+            "shared_null": shared_null or None, "schedule": schedule, "seed": seed,
+            "per_frame_groupnorm": per_frame_groupnorm, "store_components": store_components or None,
+            "plain": plain or None, "compare_ddim": compare_ddim or None, "device": device, "dtype": dtype,
+            "restart": restart or None, "preset": preset,
+        }
+        section = _preset_section(preset)
+        cfg = resolve_config(ws, section, flags)
+        if region is not None and coefficients is None and "stdg" not in section:
+            cfg.stdg = None  # --region alone picks that region's default coefficients
+        return run_invert(ws, cfg, progress)
+
+    run(work, json_out, quiet, _print_human)
+
+
+def _print_human(result: dict[str, Any]) -> None:
+    recon = result.get("recon") or {}
+
+    def db(key: str) -> str:
+        value = recon.get(key)
+        return f"{float(value):.2f} dB" if isinstance(value, (int, float)) else str(value)
+
+    inner = result.get("inner_iterations") or []
+    mean_inner = sum(inner) / len(inner) if inner else 0.0
+    lines = [f"inverted {result.get('workspace', '')}: {result.get('steps', '?')} steps, "
+             f"{result.get('frames', '?')} frames, mean null-text iterations {mean_inner:.1f}"]
+    if recon:
+        line = f"reconstruction PSNR {db('psnr')}"
+        if "psnr_fg" in recon:
+            line += f" (inside mask {db('psnr_fg')}, outside {db('psnr_bg')})"
+        line += f", latent MSE {float(recon.get('latent_mse', float('nan'))):.3g}, VAE-only PSNR {db('vae_psnr')}"
+        lines.append(line)
+        if "ddim_psnr" in recon:
+            lines.append(f"plain DDIM reconstruction PSNR {db('ddim_psnr')}, latent MSE "
+                         f"{float(recon['ddim_latent_mse']):.3g}")
+    total = (result.get("timings") or {}).get("total_s")
+    if total is not None and not result.get("already_done"):
+        lines.append(f"time {float(total):.1f} s")
+    lines.append(str((result.get("outputs") or {}).get("preview.gif", "")))
+    print("\n".join(x for x in lines if x), flush=True)
