@@ -12,7 +12,6 @@ import hashlib
 import math
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from stages.errors import InputError, UsageError
+from stages.workspace import atomic_path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 FOLDER_FPS = 8.0  # an image folder has no frame rate; the reference writes 8 fps
@@ -348,20 +348,6 @@ def load_clip(path: str | Path, frames: int = 16, size: str | tuple[int, int] = 
 
 
 # ----------------------------------------------------------------------------------- writing
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path` (same suffix); rename it onto `path` on success."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.stem}.tmp-{uuid.uuid4().hex[:8]}{final.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _even(frames: np.ndarray) -> np.ndarray:
     """Pad odd heights/widths by repeating the last row/column (yuv420p needs even sizes)."""
     ph, pw = frames.shape[1] % 2, frames.shape[2] % 2

@@ -180,18 +180,9 @@ class Workspace:
         """Path of a plain file inside the workspace (e.g. edits/tiger/edit.mp4)."""
         return self.path / check_name(name)
 
-    @contextlib.contextmanager
-    def atomic_file(self, name: str) -> Iterator[Path]:
+    def atomic_file(self, name: str) -> contextlib.AbstractContextManager[Path]:
         """Yield a temporary path; on success it replaces workspace file `name` atomically."""
-        final = self.file_path(name)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".{final.stem}.tmp-{uuid.uuid4().hex[:8]}{final.suffix}")
-        try:
-            yield tmp
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        return atomic_path(self.file_path(name))
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
@@ -227,6 +218,20 @@ class Workspace:
         os.replace(built, target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (same suffix); rename it onto `path` on success."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.stem}.tmp-{uuid.uuid4().hex[:8]}{final.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _jsonable(value: Any) -> Any:

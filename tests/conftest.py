@@ -33,6 +33,14 @@ def make_workspace(path: Path, frames: int = 4, size: int = 64, seed: int = 0) -
     return ws
 
 
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny random model (one per test module, so installed attention processors never leak across files)."""
+    from stages.models import load_models
+
+    return load_models("tiny", device="cpu")
+
+
 @pytest.fixture
 def workspace(tmp_path: Path) -> Workspace:
     """A 4-frame 64x64 workspace with ground-truth masks."""

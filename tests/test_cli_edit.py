@@ -15,21 +15,6 @@ from vdcli.app import app
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from stages.models import load_models
-
-    return load_models("tiny")
-
-
 @pytest.fixture(scope="module")
 def ws(tiny, tmp_path_factory):
     ws = make_workspace(tmp_path_factory.mktemp("cli") / "ws")

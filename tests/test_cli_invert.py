@@ -26,13 +26,6 @@ FAST = ["--model", "tiny", "--steps", "3", "--null-steps", "1", "--device", "cpu
 ARRAYS = ("latents", "recon_latents", "null_embeddings", "stdg/guidance")
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from stages.models import load_models
-
-    return load_models("tiny", device="cpu")
-
-
 @pytest.fixture
 def loads(tiny, monkeypatch):
     """Hand out the already-built tiny model and count the loads."""

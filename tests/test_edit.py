@@ -37,22 +37,6 @@ def copy_workspace(ws, dest: Path, **inversion_attrs):
     return copy
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the test machine's 2 cores are shared: one torch thread is several times faster than two here
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from stages.models import load_models
-
-    return load_models("tiny")
-
-
 @pytest.fixture(scope="module")
 def inverted(tiny, tmp_path_factory):
     ws = make_workspace(tmp_path_factory.mktemp("edit") / "ws")

@@ -17,23 +17,13 @@ from stages.synthetic import moving_disc
 from stages.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, clip_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny ops gain nothing from threads, and on a shared 2-core machine two OpenMP threads stall each other
-    # (measured: 0.09 s vs 0.3-8 s per tiny UNet forward under load).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def tiny(one_thread) -> M.Models:
+def tiny() -> M.Models:
     return M.load_models("tiny")
 
 
 @pytest.fixture(scope="module")
-def tiny_parts(one_thread):
+def tiny_parts():
     """The un-assembled tiny components (unet2d, adapter, vae, text) as load_models builds them."""
     return M._build_random("tiny", M.TINY_SEED)
 
