@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 VD := $(VENV)/bin/vd
 DEMO ?= demo
 
-.PHONY: install demo test lint bench bench-full clean
+.PHONY: install demo test bench bench-full clean
 
 install: $(VENV)/.installed
 
