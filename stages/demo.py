@@ -58,6 +58,16 @@ def write_clip(folder: Path, frames: int, size: int) -> tuple[Path, Path]:
 
 def run_demo(folder: str | Path, cfg: DemoConfig, progress: Progress) -> dict[str, Any]:
     """Run the whole pipeline in `folder`; return paths, timings and the equivalent shell commands."""
+    from stages.errors import Interrupted
+
+    try:
+        return _run_demo(Path(folder), cfg, progress)
+    except (Interrupted, KeyboardInterrupt):
+        # the stages' own advice ("rerun to resume") does not hold here: the demo always starts over
+        raise Interrupted(f"demo interrupted; rerun the same `vd demo` command to start it over in {folder}") from None
+
+
+def _run_demo(folder: Path, cfg: DemoConfig, progress: Progress) -> dict[str, Any]:
     from stages.config import build_config
     from stages.edit import EditConfig, run_edit
     from stages.evaluate import EvalConfig, run_eval
@@ -65,7 +75,6 @@ def run_demo(folder: str | Path, cfg: DemoConfig, progress: Progress) -> dict[st
     from stages.mask import MaskConfig, run_mask
     from stages.models import load_models
 
-    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = choose_model(cfg.model)
     tiny = model == "tiny"
@@ -109,7 +118,7 @@ def run_demo(folder: str | Path, cfg: DemoConfig, progress: Progress) -> dict[st
         f"vd mask {q(str(clip))} -o {q(str(ws_path))} --frames {frames} --size {size} --mask-dir {q(str(mask_dir))} --force",
         f"vd invert {q(str(ws_path))} --prompt {q(PROMPT)} --subject {q(SUBJECT)} --model {model} "
         f"--steps {steps} --null-steps {null_steps}",
-        f"vd edit {q(str(ws_path))} --prompt {q(EDIT)} --name blue",
+        f"vd edit {q(str(ws_path))} --prompt {q(EDIT)} --name blue --force",
         f"vd eval {q(str(ws_path))}",
     ]
     return {"workspace": str(ws_path), "model": model, "tiny": tiny, "clip": str(clip),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -26,6 +27,10 @@ from stages.invert import Inversion
 from stages.progress import Progress
 from stages.prompts import changed_words, cross_plan, resolve_prompt, slug, word_positions, words
 from stages.workspace import Workspace, check_name
+
+
+# eval/<name> holds an edit's scores; these names are eval's own (the inversion's scores, the charts)
+RESERVED_NAMES = frozenset({"reconstruction", "plots"})
 
 
 @dataclass
@@ -103,6 +108,18 @@ def _validate(cfg: EditConfig) -> None:
         raise UsageError(f"unknown cross-attention mode {cfg.cross_mode!r}; choose auto, refine or swap")
 
 
+def _check_output(output: str | None) -> None:
+    """Refuse an `-o` target that cannot become a file, before any model work is spent."""
+    if not output:
+        return
+    path = Path(output)
+    if path.is_dir() or str(output).endswith(("/", "\\")):
+        raise UsageError(f"-o {output} is a directory; give a file name such as {path / 'edit.mp4'}")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UsageError(f"-o {output}: {parent} is not a directory")
+
+
 def _contains(text: str, phrase: str) -> bool:
     want, have = words(phrase), words(text)
     return bool(want) and any(have[k:k + len(want)] == want for k in range(len(have) - len(want) + 1))
@@ -123,6 +140,10 @@ def plan_edit(ws: Workspace, inv: Inversion, cfg: EditConfig) -> EditJob:
     name = check_name(cfg.name or slug(changed or list(cfg.reweight)))
     if "/" in name:
         raise InputError(f"invalid edit name {name!r}: no '/'")
+    if name in RESERVED_NAMES:
+        raise InputError(f"edit name {name!r} is reserved (vd eval stores eval/{name} for its own use); "
+                         f"choose another with --name")
+    _check_output(cfg.output)
     existing = ws.group_attrs(f"edits/{name}")
     if existing and existing.get("status") == "done" and not cfg.force:
         raise InputError(f"edit {name!r} already exists in {ws.path}; pass --force to replace it or --name NEW")

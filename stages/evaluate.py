@@ -276,7 +276,8 @@ def _select(ws: Workspace, config: EvalConfig, metrics: list[str]) -> tuple[list
     names = edit_names(ws)
     has_recon = ws.has("inversion/reconstruction")
     if RECON in names:
-        raise InputError(f"an edit is named {RECON!r}, which eval reserves for the inversion; rename it")
+        raise InputError(f"an edit is named {RECON!r}, which eval reserves for the inversion; delete "
+                         f"{ws.path / 'edits' / RECON} and redo that edit with `vd edit --name OTHER`")
     skipped: dict[str, str] = {}
     if config.edits:
         targets = []
@@ -532,9 +533,18 @@ def compare(paths: Iterable[str | Path], config: EvalConfig, progress: Progress 
     workspaces = find_workspaces(paths)
     per_clip: dict[str, dict[str, Any]] = {}
     metrics: list[str] = parse_metrics(config.metrics)
+    skipped: dict[str, str] = {}
     for path in workspaces:
+        if not _has_results(Workspace.open(path)):
+            # a clip not inverted yet must not sink a batch table; it is listed instead
+            skipped[str(path)] = "no inversion/reconstruction and no finished edit yet"
+            progress.log(f"skipping {path}: nothing to evaluate yet (run `vd invert` and `vd edit`)")
+            continue
         res = run_eval(path, config, progress, scorers, reuse=not force)
         per_clip[str(path)] = {name: item["metrics"] for name, item in res["items"].items()}
+    if not per_clip:
+        raise InputError(f"nothing to evaluate in {len(workspaces)} workspace(s): none has an inversion or a "
+                         "finished edit; run `vd invert` and `vd edit` first")
     groups: dict[str, list[dict[str, Any]]] = {}
     for clip_items in per_clip.values():
         for name, values in clip_items.items():
@@ -544,7 +554,15 @@ def compare(paths: Iterable[str | Path], config: EvalConfig, progress: Progress 
     fixed = [g for g in (RECON, "all edits") if g in groups]
     order = fixed + sorted(g for g in groups if g not in fixed)
     table = {g: _aggregate(groups[g]) for g in order}
-    return {"clips": [str(p) for p in workspaces], "metrics": metrics, "groups": table, "per_clip": per_clip}
+    result = {"clips": list(per_clip), "metrics": metrics, "groups": table, "per_clip": per_clip}
+    if skipped:
+        result["skipped_clips"] = skipped
+    return result
+
+
+def _has_results(ws: Workspace) -> bool:
+    """True when the workspace has a reconstruction or at least one finished edit."""
+    return ws.has("inversion/reconstruction") or any(_edit_ready(ws, n) for n in edit_names(ws))
 
 
 def _aggregate(items: list[dict[str, Any]]) -> dict[str, Any]:

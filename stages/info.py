@@ -90,11 +90,17 @@ def _inversion(ws: Workspace) -> dict[str, Any] | None:
         "schedule": attrs.get("schedule"),
         "config_hash": attrs.get("config_hash"),
     }
+    total = attrs.get("steps")
+    if not isinstance(total, int) and isinstance(attrs.get("timesteps"), list):
+        total = len(attrs["timesteps"])
     if ws.has("inversion/done"):
+        # `done` may carry one flag more than there are steps (vd invert marks the final report with it)
         done = np.asarray(ws.read("inversion/done")).astype(bool)
-        out["steps_done"], out["steps_total"] = int(done.sum()), int(done.size)
-    elif isinstance(attrs.get("timesteps"), list):
-        out["steps_total"] = len(attrs["timesteps"])
+        total = total if isinstance(total, int) and 0 < total <= done.size else int(done.size)
+        out["steps_done"] = int(done[:total].sum())
+    if isinstance(total, int):
+        out["steps_total"] = total
+        out.setdefault("steps_done", 0)  # interrupted before the first step was committed
     for key in ("timings", "counts", "recon", "metrics"):
         if attrs.get(key) is not None:
             out[key] = attrs[key]
@@ -182,8 +188,10 @@ def format_info(info: dict[str, Any]) -> list[str]:
         lines.append(f"inversion  unreadable: {inv['error']}")
     else:
         steps = f"{inv.get('steps_done', '?')}/{inv.get('steps_total', '?')} steps"
+        recon = inv.get("recon") if isinstance(inv.get("recon"), dict) else {}
+        psnr = f", reconstruction PSNR {_num(recon['psnr'])} dB" if isinstance(recon.get("psnr"), float) else ""
         lines.append(f"inversion  {inv.get('status', '?')}, {steps}, model {inv.get('model', '?')}, "
-                     f"prompt {inv.get('prompt')!r}")
+                     f"prompt {inv.get('prompt')!r}{psnr}")
     edits = info.get("edits")
     if isinstance(edits, list) and edits:
         for edit in edits:

@@ -174,8 +174,9 @@ def load_predictor(checkpoint: Path | None, device: str = "auto", seed: int = 0)
     else:
         try:
             loaded = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise InputError(f"{checkpoint} is not a loadable SAM2 checkpoint ({_first_line(exc)})") from None
+        except Exception:  # torch's own text is a bare KeyError or advice to drop weights_only: neither helps
+            raise InputError(f"{checkpoint} is not a loadable SAM2 checkpoint (not a PyTorch checkpoint file, "
+                             f"or one that needs code execution to load)") from None
         state = loaded.get("model", loaded) if isinstance(loaded, dict) else None
         if not isinstance(state, dict):
             raise InputError(f"{checkpoint} is not a SAM2 checkpoint (no state dict)")

@@ -464,5 +464,9 @@ def _as_video(frames: np.ndarray) -> np.ndarray:
 
 
 def _first_line(exc: BaseException) -> str:
+    # FFmpeg errors carry "[Errno N] reason: 'path'"; the reason alone reads better after our own path
+    reason = getattr(exc, "strerror", None)
+    if isinstance(reason, str) and reason.strip():
+        return reason.strip()
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__

@@ -9,6 +9,8 @@ import typer
 
 from vdcli.common import JsonOpt, QuietOpt, app, run
 
+_SEL, _CMP, _WTS = "What to score", "Many clips", "Optional metric weights"
+
 # Row labels: arrow = which direction is better; m.P / m.L = the paper's masked PSNR / LPIPS.
 LABELS = {
     "psnr": "PSNR dB ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓",
@@ -27,30 +29,37 @@ def eval_command(
         metavar="WS", show_default=False,
         help="Workspace to evaluate; with --compare, several workspaces or folders of workspaces.")],
     edit: Annotated[Optional[list[str]], typer.Option(
-        "--edit", "-e", metavar="NAME",
+        "--edit", "-e", metavar="NAME", rich_help_panel=_SEL,
         help="Evaluate only this edit (repeatable); 'reconstruction' selects the inversion.")] = None,
     all_edits: Annotated[bool, typer.Option(
-        "--all", help="Reconstruction plus every finished edit (the default without --edit).")] = False,
+        "--all", rich_help_panel=_SEL,
+        help="Reconstruction plus every finished edit (the default without --edit).")] = False,
     metrics: Annotated[Optional[list[str]], typer.Option(
-        "--metrics", "-m", metavar="LIST",
+        "--metrics", "-m", metavar="LIST", rich_help_panel=_SEL,
         help="Comma list of psnr,ssim,lpips,warp,smoothness,vbench,clip,pickscore or the groups "
              "fidelity,temporal,text,all (default all).")] = None,
     compare: Annotated[bool, typer.Option(
-        "--compare", help="One table over many clips: mean of each metric per edit name and over all edits.")] = False,
+        "--compare", rich_help_panel=_CMP,
+        help="One table over many clips: mean of each metric per edit name and over all edits.")] = False,
     force: Annotated[bool, typer.Option(
-        "--force", help="With --compare: recompute even where stored results are current.")] = False,
-    plot: Annotated[bool, typer.Option("--plot", help="Write per-frame PNG charts into eval/plots/.")] = False,
+        "--force", rich_help_panel=_CMP,
+        help="With --compare: recompute even where stored results are current.")] = False,
+    plot: Annotated[bool, typer.Option(
+        "--plot", rich_help_panel=_SEL, help="Write per-frame PNG charts into eval/plots/.")] = False,
     lpips: Annotated[Optional[str], typer.Option(
-        "--lpips", metavar="PATH", help="LPIPS weights (file or folder; default $VD_LPIPS).")] = None,
+        "--lpips", metavar="PATH", rich_help_panel=_WTS,
+        help="LPIPS weights (file or folder; default $VD_LPIPS).")] = None,
     clip: Annotated[Optional[str], typer.Option(
-        "--clip", metavar="DIR", help="Local Hugging Face CLIP folder (default $VD_CLIP).")] = None,
+        "--clip", metavar="DIR", rich_help_panel=_WTS,
+        help="Local Hugging Face CLIP folder (default $VD_CLIP).")] = None,
     pickscore: Annotated[Optional[str], typer.Option(
-        "--pickscore", metavar="DIR", help="Local PickScore_v1 folder (default $VD_PICKSCORE).")] = None,
+        "--pickscore", metavar="DIR", rich_help_panel=_WTS,
+        help="Local PickScore_v1 folder (default $VD_PICKSCORE).")] = None,
     amt: Annotated[Optional[str], typer.Option(
-        "--amt", metavar="PATH",
+        "--amt", metavar="PATH", rich_help_panel=_WTS,
         help="VBench AMT-S checkpoint, for VBench motion smoothness (default $VD_AMT).")] = None,
     device: Annotated[str, typer.Option(
-        "--device", help="Device for the model-based metrics: auto, cpu, cuda[:N].")] = "auto",
+        "--device", rich_help_panel=_WTS, help="Device for the model-based metrics: auto, cpu, cuda[:N].")] = "auto",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -168,3 +177,5 @@ def _print_compare(result: dict[str, Any]) -> None:
         console.print(_edits_table(edits, f"Edits, mean over {clips} clip(s)", seen))
     for note in _unavailable_notes(seen):
         console.print(f"[dim]{note}[/dim]", highlight=False)
+    for path, why in result.get("skipped_clips", {}).items():
+        console.print(f"skipped {path}: {why}", highlight=False)
