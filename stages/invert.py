@@ -7,8 +7,12 @@ Per sampling step i (t = schedule.timesteps[i], t_prev = schedule.prev[i]), opti
 3. null-text: Adam on phi (F or 1, 77, D) float32, up to null_steps iterations (1 forward + 1 backward each);
 4. z_t <- ddim_step(z_t, cfg(eps_u(phi_i), eps_c), G_i): one forward (only eps_u is recomputed).
 STDG is skipped at i = 0 (z_t == z*_T, so G == 0 exactly) and where its coefficient sqrt(1-a_prev)sqrt(1-a_t)
-is 0 (the last step); G is stored as zeros there. Plain mode (`plain=True`) does it as the reference code:
-4 GT + 4 grad forwards + 4 backwards at every step, a separate eps_c forward, a batch-2 final update.
+is 0 (the last step); G is stored as zeros there. Plain mode (`plain=True`, the benchmark baseline) does it
+as the reference code and pays what it pays: 4 full GT + 4 full grad forwards + 4 backwards at every step,
+a separate eps_c forward, a batch-2 final update, trainable UNet weights (weight gradients in every
+null-text backward), explicit float32 attention maps in every layer, gc.collect() (+ empty_cache on CUDA)
+after every inner iteration and STDG component. Same results up to floating-point rounding.
+A PhaseTimer passed to run_invert records seconds per phase of every step (bench.py --profile).
 
 Workspace (see notes/interfaces.md; S steps, F frames):
   inversion/latents            f32 (S+1, F, 4, h, w)  [0] = z0 (VAE sample), [k] = z* at timesteps[S-k]
@@ -209,14 +213,64 @@ def _digest(data: np.ndarray | None) -> str | None:
 
 # --------------------------------------------------------------------------------------------- engine
 
+class PhaseTimer:
+    """Optional wall-clock profile of the null-text steps (`bench.py --profile`): seconds per phase per step.
+
+    Pass one to run_invert(timer=...); without one every phase guard is a shared no-op context. On CUDA
+    each phase boundary synchronises, so the figures are attributable (and the profiled run is slower).
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []  # per null-text step: {phase: seconds, "step": i, "total": s}
+        self._sync: Any = None
+        self._t0 = 0.0
+
+    def bind(self, device: Any) -> None:
+        import torch
+
+        self._sync = torch.cuda.synchronize if getattr(device, "type", "") == "cuda" else None
+
+    def begin(self, i: int) -> None:
+        """Start step i (its phases accumulate until end())."""
+        self.steps.append({"step": float(i)})
+        self._t0 = time.perf_counter()
+
+    def end(self) -> None:
+        """Close the current step: its "total" becomes the step's wall-clock seconds."""
+        if self._sync:
+            self._sync()
+        self.steps[-1]["total"] = time.perf_counter() - self._t0
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Any:
+        if self._sync:
+            self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._sync:
+                self._sync()
+            if self.steps:
+                self.steps[-1][name] = self.steps[-1].get(name, 0.0) + time.perf_counter() - t0
+
+
+_OFF = contextlib.nullcontext()
+
+
 class Passes:
     """UNet calls with counters: sample-forwards (batch entries), GT forwards, backward passes."""
 
-    def __init__(self, models: Any):
+    def __init__(self, models: Any, timer: PhaseTimer | None = None):
         self.models = models
         self.forwards = 0
         self.gt_forwards = 0
         self.backwards = 0
+        self.timer = timer
+
+    def phase(self, name: str) -> Any:
+        """Context timing `name` when profiling; a shared no-op otherwise."""
+        return self.timer(name) if self.timer is not None else _OFF
 
     def eps(self, z: Any, t: int, emb: Any, gt: bool = False) -> Any:
         from stages.models import unet_eps
@@ -265,7 +319,7 @@ class STDG:
         on_t, on_k = self._reducers(None)
         rec = Recorder(self.controller, self.temporal, self.spatial, on_t if need[0] else None,
                        on_k if need[1] else None, stop_when_complete=truncate)
-        with torch.no_grad(), rec:
+        with self.passes.phase("gt_forward"), torch.no_grad(), rec:
             try:
                 self.passes.eps(z_star, t, self.c_src, gt=True)
             except StopForward:
@@ -292,21 +346,23 @@ class STDG:
         rec = Recorder(self.controller, list(targets.temporal), list(targets.keys),
                        on_t if targets.temporal else None, on_k if targets.keys else None)
         with torch.enable_grad():
-            with rec, (cut_graph_after(self.passes.models.unet) if cut else contextlib.nullcontext()):
-                out = self.passes.eps(zg, t, self.c_src)
-            gen = Generated(temporal={n: rec.results[n] for n in rec.temporal},
-                            keys={n: rec.results[n] for n in rec.spatial})
-            losses = stdg_losses(gen, targets, self.masks)
-            wanted = [combine(losses, self.coefficients)] if combined else []
-            wanted += [losses[c] for c in components]
+            with self.passes.phase("stdg_forward"):
+                with rec, (cut_graph_after(self.passes.models.unet) if cut else contextlib.nullcontext()):
+                    out = self.passes.eps(zg, t, self.c_src)
+                gen = Generated(temporal={n: rec.results[n] for n in rec.temporal},
+                                keys={n: rec.results[n] for n in rec.spatial})
+                losses = stdg_losses(gen, targets, self.masks)
+                wanted = [combine(losses, self.coefficients)] if combined else []
+                wanted += [losses[c] for c in components]
             grads = []
-            for k, loss in enumerate(wanted):
-                if loss.requires_grad:
-                    grads.append(torch.autograd.grad(loss, zg, retain_graph=k < len(wanted) - 1,
-                                                     allow_unused=True)[0])
-                    self.passes.backwards += 1
-                else:
-                    grads.append(None)
+            with self.passes.phase("stdg_backward"):
+                for k, loss in enumerate(wanted):
+                    if loss.requires_grad:
+                        grads.append(torch.autograd.grad(loss, zg, retain_graph=k < len(wanted) - 1,
+                                                         allow_unused=True)[0])
+                        self.passes.backwards += 1
+                    else:
+                        grads.append(None)
         grads = [torch.zeros_like(z) if g is None else g.detach().to(z.dtype) for g in grads]
         g_total = grads.pop(0) if combined else None
         comps = dict(zip(components, grads))
@@ -335,8 +391,12 @@ def _summary_from_attrs(ws: Workspace) -> dict[str, Any]:
     return summary
 
 
-def run_invert(ws: Workspace, cfg: InvertConfig, progress: Progress, models: Any | None = None) -> dict[str, Any]:
-    """Invert the workspace clip (resumable); returns a JSON-friendly summary (see module docstring)."""
+def run_invert(ws: Workspace, cfg: InvertConfig, progress: Progress, models: Any | None = None,
+               timer: PhaseTimer | None = None) -> dict[str, Any]:
+    """Invert the workspace clip (resumable); returns a JSON-friendly summary (see module docstring).
+
+    timer: an optional PhaseTimer that receives per-step phase timings (benchmark profiling).
+    """
     validate(cfg)
     t_begin = time.perf_counter()
     frames, mask = _require_inputs(ws, cfg)
@@ -369,10 +429,10 @@ def run_invert(ws: Workspace, cfg: InvertConfig, progress: Progress, models: Any
         _refuse_changes({k: v for k, v in stored["settings"].items() if k in settings}, settings, ws)
     else:
         ws.remove(GROUP)
-    models.unet.requires_grad_(False)
     controller = install(models.unet, AttentionController())
     try:
-        return _run(ws, cfg, progress, models, controller, frames, mask, settings, timings, t_begin)
+        with _reference_costs(models, controller, cfg.plain):
+            return _run(ws, cfg, progress, models, controller, frames, mask, settings, timings, t_begin, timer)
     except KeyboardInterrupt:
         done = ws.read(f"{GROUP}/done") if ws.has(f"{GROUP}/done") else np.zeros(1, bool)
         kept = int(done[: int(cfg.steps)].sum())
@@ -380,6 +440,29 @@ def run_invert(ws: Workspace, cfg: InvertConfig, progress: Progress, models: Any
                           f"rerun the same command to resume") from None
     finally:
         controller.clear()
+
+
+@contextlib.contextmanager
+def _reference_costs(models: Any, controller: Any, plain: bool) -> Any:
+    """Plain mode pays what the reference pays: trainable UNet weights (every null-text backward also
+    computes and accumulates their gradients, ALGORITHM.md §4, §9.2 item 4) and explicit float32
+    attention probabilities in every attention layer instead of fused SDPA (§8.4 item 8). The optimised
+    mode runs a frozen UNet with SDPA. Both are undone afterwards (the models may be reused)."""
+    from stages.control.controller import explicit_attention
+
+    if not plain:
+        models.unet.requires_grad_(False)
+        yield
+        return
+    models.unet.requires_grad_(True)
+    controller.fallback = explicit_attention
+    try:
+        yield
+    finally:
+        controller.fallback = None
+        models.unet.requires_grad_(False)
+        for p in models.unet.parameters():
+            p.grad = None
 
 
 def _test_delay() -> None:
@@ -390,7 +473,7 @@ def _test_delay() -> None:
 
 def _run(ws: Workspace, cfg: InvertConfig, progress: Progress, models: Any, controller: Any, frames: np.ndarray,
          mask: np.ndarray | None, settings: dict[str, Any], timings: dict[str, float],
-         t_begin: float) -> dict[str, Any]:
+         t_begin: float, timer: PhaseTimer | None = None) -> dict[str, Any]:
     import torch
 
     from stages import ddim
@@ -401,7 +484,9 @@ def _run(ws: Workspace, cfg: InvertConfig, progress: Progress, models: Any, cont
     S, F = schedule.steps, int(frames.shape[0])
     coef = cfg.coefficients()
     dev = models.device
-    passes = Passes(models)
+    passes = Passes(models, timer)
+    if timer is not None:
+        timer.bind(dev)
 
     if not ws.group_attrs(GROUP).get("settings"):
         ws.update_attrs(GROUP, status="running", model={"spec": cfg.model, "fingerprint": models.fingerprint},
@@ -475,15 +560,20 @@ def _run(ws: Workspace, cfg: InvertConfig, progress: Progress, models: Any, cont
     with progress.task("null-text + STDG", S * units, completed=start * units) as advance:
         for i in range(start, S):
             step_t0 = time.perf_counter()
+            if timer is not None:
+                timer.begin(i)
             before = passes.snapshot()
             z_t, phi, record = _step(i, schedule, latents, z_t, phi, cfg, coef, passes, stdg, c_src, advance, units)
-            _commit(ws, arrays, i, S, z_t, phi, record, F)
-            after = passes.snapshot()
-            arrays["stats"][i] = np.array([record["inner"], record["first_loss"], record["null_loss"],
-                                           after[0] - before[0],
-                                           after[1] - before[1], after[2] - before[2],
-                                           time.perf_counter() - step_t0])
-            arrays["done"][i] = True
+            with passes.phase("commit"):
+                _commit(ws, arrays, i, S, z_t, phi, record, F)
+                after = passes.snapshot()
+                arrays["stats"][i] = np.array([record["inner"], record["first_loss"], record["null_loss"],
+                                               after[0] - before[0],
+                                               after[1] - before[1], after[2] - before[2],
+                                               time.perf_counter() - step_t0])
+                arrays["done"][i] = True
+            if timer is not None:
+                timer.end()
             _test_delay()
     timings["null_text_s"] = time.perf_counter() - t0
 
@@ -528,18 +618,19 @@ def _step(i: int, schedule: Any, latents: Any, z_t: Any, phi_prev: Any, cfg: Inv
         targets = stdg.targets(z_star, t, need)
         G, eps_c, losses, comps = stdg.gradient(z_t, t, targets, COMPONENTS if cfg.store_components else ())
         record.update(targets=targets, losses=losses, components=comps or None)
-    elif active:  # plain: the reference's four independent components
+    elif active:  # plain: the reference's four independent components, each with its own GT forward
         comps = {}
         for name, c in zip(COMPONENTS, coef):
             targets = stdg.targets(z_star, t, truncate=False)
             _, _, losses, grad = stdg.gradient(z_t, t, targets, (name,), combined=False, cut=False)
             comps[name] = grad[name]
+            _flush(passes)
         G = sum(c * comps[n] for n, c in zip(COMPONENTS, coef))
         record.update(targets=targets, components=comps if cfg.store_components else None)
     elif cfg.store_components:
         record["components"] = {n: torch.zeros_like(z_t) for n in COMPONENTS}
     if eps_c is None:
-        with torch.no_grad():
+        with passes.phase("eps_c_forward"), torch.no_grad():
             eps_c = passes.eps(z_t, t, c_src)
 
     phi = phi_prev.detach().clone().requires_grad_(True)
@@ -547,25 +638,31 @@ def _step(i: int, schedule: Any, latents: Any, z_t: Any, phi_prev: Any, cfg: Inv
     threshold = EARLY_STOP + i * EARLY_STOP_SLOPE
     inner, first, last = 0, float("nan"), float("nan")
     for _ in range(int(cfg.null_steps)):
-        eps_u = passes.eps(z_t, t, _expand(phi, F))
-        z_rec = ddim.ddim_step(z_t, ddim.cfg(eps_u, eps_c, cfg.cfg), t, tp, guidance=G)
-        loss = Fn.mse_loss(z_rec, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with passes.phase("inner_forward"):
+            eps_u = passes.eps(z_t, t, _expand(phi, F))
+            z_rec = ddim.ddim_step(z_t, ddim.cfg(eps_u, eps_c, cfg.cfg), t, tp, guidance=G)
+            loss = Fn.mse_loss(z_rec, target)
+        with passes.phase("inner_backward"):
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         passes.backwards += 1
-        opt.step()
+        with passes.phase("adam_step"):
+            opt.step()
+            last = float(loss.detach())  # the early-stop rule needs the value every iteration
         inner += 1
-        last = float(loss.detach())
         first = last if inner == 1 else first
         if not math.isfinite(last):
             raise FloatingPointError(f"null-text loss became {last} at step {i}")
         advance(1, step=f"{i + 1}/{S}", loss=last)
+        if cfg.plain:
+            del eps_u, z_rec, loss
+            _flush(passes)
         if last < threshold:
             break
     if units - inner > 0:  # early stop: count the skipped iterations so the ETA stays honest
         advance(units - inner, step=f"{i + 1}/{S}")
     phi = phi.detach()
-    with torch.no_grad():
+    with passes.phase("final_update"), torch.no_grad():
         if cfg.plain:  # the reference recomputes both halves in one batch-2 call
             both = passes.eps(torch.cat([z_t, z_t]), t, torch.cat([_expand(phi, F), c_src]))
             eps_u, eps_c = both[:1], both[1:]
@@ -574,6 +671,26 @@ def _step(i: int, schedule: Any, latents: Any, z_t: Any, phi_prev: Any, cfg: Inv
         z_next = ddim.ddim_step(z_t, ddim.cfg(eps_u, eps_c, cfg.cfg), t, tp, guidance=G)
     record.update(G=G, inner=inner, first_loss=first, null_loss=last)
     return z_next, phi, record
+
+
+def _flush(passes: Passes) -> None:
+    """The reference's per-iteration gc.collect() (+ torch.cuda.empty_cache()); plain mode only."""
+    import gc
+
+    import torch
+
+    with passes.phase("gc"):
+        gc.collect()
+        if passes.models.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _step_array(ws: Workspace, arrays: dict[str, Any], name: str, S: int, shape: Any, dtype: str) -> Any:
+    """The (S, *shape) per-step array `name`, opened (or created) once per run, not once per step."""
+    if name not in arrays:
+        shape = tuple(shape)
+        arrays[name] = ws.create_array(name, (S,) + shape, dtype, (1,) + shape)
+    return arrays[name]
 
 
 def _commit(ws: Workspace, arrays: dict[str, Any], i: int, S: int, z_next: Any, phi: Any,
@@ -585,14 +702,12 @@ def _commit(ws: Workspace, arrays: dict[str, Any], i: int, S: int, z_next: Any, 
     if targets is not None:
         for name, (value, index) in targets.temporal.items():
             base = f"{GROUP}/targets/temporal/{name}"
-            shape = tuple(value.shape)
-            ws.create_array(f"{base}/value", (S,) + shape, "float16", (1,) + shape)[i] = \
+            _step_array(ws, arrays, f"{base}/value", S, value.shape, "float16")[i] = \
                 value.cpu().numpy().astype(np.float16)
-            ws.create_array(f"{base}/index", (S,) + shape, "uint8", (1,) + shape)[i] = \
+            _step_array(ws, arrays, f"{base}/index", S, index.shape, "uint8")[i] = \
                 index.cpu().numpy().astype(np.uint8)
         for name, keys in targets.keys.items():
-            shape = tuple(keys.shape)
-            ws.create_array(f"{GROUP}/targets/keys/{name}", (S,) + shape, "float32", (1,) + shape)[i] = \
+            _step_array(ws, arrays, f"{GROUP}/targets/keys/{name}", S, keys.shape, "float32")[i] = \
                 keys.cpu().numpy().astype(np.float32)
     arrays["guidance"][i] = record["G"][0].float().cpu().numpy()
     if "components" in arrays and record.get("components") is not None:

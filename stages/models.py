@@ -616,6 +616,18 @@ def vae_decode(models: Models, latents: torch.Tensor) -> np.ndarray:
     return np.stack(out)
 
 
+_TIMESTEPS: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def _timestep(device: torch.device, t: int) -> torch.Tensor:
+    """The 0-d long timestep tensor on `device`, made once per (device, t): building it from a Python int
+    is a blocking host-to-device copy on CUDA, once per UNet call otherwise."""
+    key = (str(device), t)
+    if key not in _TIMESTEPS:
+        _TIMESTEPS[key] = torch.tensor(t, device=device, dtype=torch.long)
+    return _TIMESTEPS[key]
+
+
 def unet_eps(models: Models, z: torch.Tensor, t: int, emb: torch.Tensor) -> torch.Tensor:
     """Noise prediction (B, F, 4, h, w) float32 for latents (B, F, 4, h, w) at timestep t.
 
@@ -630,7 +642,7 @@ def unet_eps(models: Models, z: torch.Tensor, t: int, emb: torch.Tensor) -> torc
     if f > models.max_frames:
         raise InputError(f"{f} frames exceed the motion module's maximum of {models.max_frames}")
     sample = z.to(models.device).permute(0, 2, 1, 3, 4)
-    timestep = torch.tensor(int(t), device=models.device, dtype=torch.long)
+    timestep = _timestep(models.device, int(t))
     with _autocast(models):
         out = models.unet(sample, timestep, encoder_hidden_states=emb.to(models.device)).sample
     return out.float().permute(0, 2, 1, 3, 4)

@@ -35,6 +35,9 @@ class AttentionController:
         self.step: int = 0
         self.handlers: dict[str, Handler] = {}
         self.names: list[str] = []  # every controlled module, in installation order
+        # handler for modules without one of their own (None: fused SDPA); the benchmark baseline sets
+        # explicit_attention here to pay the reference's cost of materialised probability maps
+        self.fallback: Optional[Handler] = None
 
     def set(self, name: str, handler: Optional[Handler]) -> None:
         """Register (or with None remove) the handler for module `name`."""
@@ -92,7 +95,7 @@ class ControlledProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        handler = self.controller.handlers.get(self.name)
+        handler = self.controller.handlers.get(self.name) or self.controller.fallback
         if handler is None or attention_mask is not None:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
         else:
@@ -120,3 +123,10 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float | None = None
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     return scores.softmax(dim=-1).to(q.dtype)
+
+
+def explicit_attention(name: str, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A handler computing attention through explicit float32 probability maps (no fused kernel, autocast
+    off): what the reference pays in every layer; the same result as SDPA up to rounding."""
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        return torch.matmul(attention_probs(q.float(), k.float()), v.float()).to(v.dtype)

@@ -95,7 +95,8 @@ class Recorder:
         return out
 
     def _spatial(self, name: str, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(q, k, v)
+        fallback = self.controller.fallback  # the baseline's explicit maps, else fused SDPA
+        out = fallback(name, attn, q, k, v) if fallback is not None else F.scaled_dot_product_attention(q, k, v)
         b, heads, n, d = k.shape
         flat = k.transpose(1, 2).reshape(b, n, heads * d)
         with _no_autocast(q.device):
