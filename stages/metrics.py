@@ -273,8 +273,7 @@ def load_state_files(path: Path) -> dict[str, Any]:
 
     .pth/.pt files are read with torch.load(weights_only=True): no code runs from the file.
     """
-    import torch
-    from safetensors.torch import load_file
+    from stages.weights import read_state_dict
 
     files = [path] if path.is_file() else sorted(
         p for p in path.iterdir() if p.suffix in (".safetensors", ".pth", ".pt", ".bin"))
@@ -282,15 +281,7 @@ def load_state_files(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: no .safetensors/.pth/.pt weight files found")
     merged: dict[str, Any] = {}
     for f in files:
-        try:
-            data = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(
-                str(f), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise InputError(f"cannot read weights {f}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
-        if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
-            data = data["state_dict"]
-        if not isinstance(data, dict):
-            raise InputError(f"{f} does not hold a state dict")
+        data = read_state_dict(f)
         merged.update({k: v for k, v in data.items() if hasattr(v, "shape")})
     return merged
 

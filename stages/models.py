@@ -338,21 +338,11 @@ def _folder_tokenizer(folder: Path | None) -> Any:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors (safetensors, or a pickle read with weights_only)."""
+    from stages.weights import read_state_dict
+
     if not path.is_file():
         raise ModelMissingError(f"weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from exc
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise InputError(f"checkpoint {path} does not hold a state dict")
-    return sd
+    return read_state_dict(path)
 
 
 def _strict_load(model: nn.Module, sd: dict[str, torch.Tensor], what: str, path: Path,
