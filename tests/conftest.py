@@ -42,6 +42,21 @@ def tiny():
 
 
 @pytest.fixture
+def loads(tiny, monkeypatch):
+    """Make load_models hand out the module's tiny model; the list counts the loads (by spec)."""
+    import stages.models
+
+    calls: list[str] = []
+
+    def fake_load(spec, **kw):
+        calls.append(spec)
+        return tiny
+
+    monkeypatch.setattr(stages.models, "load_models", fake_load)
+    return calls
+
+
+@pytest.fixture
 def workspace(tmp_path: Path) -> Workspace:
     """A 4-frame 64x64 workspace with ground-truth masks."""
     return make_workspace(tmp_path / "ws")

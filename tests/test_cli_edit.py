@@ -22,21 +22,6 @@ def ws(tiny, tmp_path_factory):
     return ws
 
 
-@pytest.fixture
-def loads(tiny, monkeypatch):
-    """Count load_models calls and hand out the already-built tiny model."""
-    import stages.models
-
-    calls = []
-
-    def fake_load(spec, **kw):
-        calls.append(spec)
-        return tiny
-
-    monkeypatch.setattr(stages.models, "load_models", fake_load)
-    return calls
-
-
 def vd(*args: str):
     return runner.invoke(app, ["edit", *map(str, args)])
 

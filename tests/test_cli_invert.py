@@ -26,21 +26,6 @@ FAST = ["--model", "tiny", "--steps", "3", "--null-steps", "1", "--device", "cpu
 ARRAYS = ("latents", "recon_latents", "null_embeddings", "stdg/guidance")
 
 
-@pytest.fixture
-def loads(tiny, monkeypatch):
-    """Hand out the already-built tiny model and count the loads."""
-    import stages.models
-
-    calls = []
-
-    def fake_load(spec, **kw):
-        calls.append(spec)
-        return tiny
-
-    monkeypatch.setattr(stages.models, "load_models", fake_load)
-    return calls
-
-
 def vd(*args) -> object:
     return runner.invoke(app, ["invert", *map(str, args)])
 
