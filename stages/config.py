@@ -39,6 +39,20 @@ def load_preset(name_or_path: str | None) -> dict[str, Any]:
     return data
 
 
+STAGE_SECTIONS = ("mask", "invert", "edit", "eval")
+
+
+def preset_section(name_or_path: str | None, section: str) -> dict[str, Any]:
+    """The `section:` part of a preset (e.g. "invert"); a preset with no stage sections is taken whole."""
+    data = load_preset(name_or_path)
+    if not any(key in data for key in STAGE_SECTIONS):
+        return data
+    part = data.get(section) or {}
+    if not isinstance(part, dict):
+        raise InputError(f"preset {name_or_path}: the `{section}:` section must be a mapping of settings")
+    return dict(part)
+
+
 def build_config(cls: type[T], *layers: dict[str, Any] | None) -> T:
     """Build dataclass `cls` from layered dicts (later wins; None values are skipped).
 

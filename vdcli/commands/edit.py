@@ -43,18 +43,6 @@ def read_prompt_file(path: Path) -> list[str]:
     return prompts
 
 
-def _preset_section(preset: str | None) -> dict[str, Any]:
-    """The `edit:` section of a preset (a preset without stage sections is taken whole)."""
-    from stages.config import load_preset
-
-    data = load_preset(preset)
-    if isinstance(data.get("edit"), dict):
-        return dict(data["edit"])
-    if any(isinstance(v, dict) for v in data.values()):
-        return {}  # sections for other stages only
-    return data
-
-
 @app.command("edit")
 def edit_command(
     workspace: Annotated[Path, typer.Argument(metavar="WS", show_default=False,
@@ -111,7 +99,7 @@ def edit_command(
     """
 
     def work(progress: Any) -> dict[str, Any]:
-        from stages.config import build_config
+        from stages.config import build_config, preset_section
         from stages.edit import EditConfig, run_edits
         from stages.errors import UsageError
         from stages.workspace import Workspace
@@ -130,7 +118,7 @@ def edit_command(
             "cross": False if no_cross else None, "stdg": False if no_stdg else None,
             "output": str(output) if output else None, "force": force or None, "device": device, "dtype": dtype,
         }
-        section = _preset_section(preset)
+        section = preset_section(preset, "edit")
         cfgs = [build_config(EditConfig, section, flags, {"prompt": p}) for p in prompts]
         results = run_edits(ws, cfgs, progress)
         if len(results) == 1:

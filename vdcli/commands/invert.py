@@ -12,18 +12,6 @@ from vdcli.common import JsonOpt, QuietOpt, app, run
 _IN, _MODEL, _METHOD, _RUN = "Input", "Model", "Method", "Runtime"
 
 
-def _preset_section(preset: str | None) -> dict[str, Any]:
-    """The `invert:` section of a preset (a preset without stage sections is taken whole)."""
-    from stages.config import load_preset
-
-    data = load_preset(preset)
-    if isinstance(data.get("invert"), dict):
-        return dict(data["invert"])
-    if any(isinstance(v, dict) for v in data.values()):
-        return {}
-    return data
-
-
 @app.command("invert")
 def invert_command(
     workspace: Annotated[Path, typer.Argument(metavar="WS", show_default=False,
@@ -109,6 +97,7 @@ def invert_command(
         from stages.errors import UsageError
         from stages.guidance import parse_coefficients
         from stages.invert import resolve_config, run_invert
+        from stages.config import preset_section
         from stages.workspace import Workspace
 
         coefficients = None
@@ -131,7 +120,7 @@ def invert_command(
             "plain": plain or None, "compare_ddim": compare_ddim or None, "device": device, "dtype": dtype,
             "restart": restart or None, "preset": preset,
         }
-        section = _preset_section(preset)
+        section = preset_section(preset, "invert")
         cfg = resolve_config(ws, section, flags)
         if region is not None and coefficients is None and "stdg" not in section:
             cfg.stdg = None  # --region alone picks that region's default coefficients
