@@ -300,10 +300,18 @@ def run_mask(clip: str | Path, output: str | Path | None, config: MaskConfig,
 
 
 def preview_frames(frames: np.ndarray, raw: np.ndarray, edit: np.ndarray) -> np.ndarray:
-    """Frames with the raw mask tinted red and the ellipse-only extension tinted yellow."""
-    out = vid.overlay_mask(frames, raw, (255, 40, 40), 0.5)
+    """Frames with the raw mask tinted blue, the ellipse-only extension yellow, and the edit mask's
+    outline in white (so the mask shows whatever the object's own colour)."""
+    from scipy.ndimage import binary_erosion
+
+    out = vid.overlay_mask(frames, raw, (30, 144, 255), 0.5)
     extra = (edit != 0) & (raw == 0)
-    return vid.overlay_mask(out, extra, (255, 220, 0), 0.35) if extra.any() else out
+    if extra.any():
+        out = vid.overlay_mask(out, extra, (255, 220, 0), 0.35)
+    inside = edit != 0
+    outline = inside & ~np.stack([binary_erosion(m, iterations=max(1, m.shape[0] // 256)) for m in inside])
+    out[outline] = 255
+    return out
 
 
 def _open_target(target: Path, source: dict[str, Any], frames: np.ndarray, force: bool,

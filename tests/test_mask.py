@@ -172,3 +172,16 @@ def test_image_folder_and_gif_clips(tmp_path, disc):
     result = run_mask(gif, tmp_path / "ws_gif", MaskConfig(frames=4, size="64", sample="uniform",
                                                           mask_dir=str(masks_dir)))
     assert result["indices"] == [0, 3, 6, 9] and result["fps_out"] == pytest.approx(10 / 3)
+
+
+def test_mask_preview_outlines_the_mask_in_white_whatever_the_object_colour():
+    from stages.mask import preview_frames
+
+    frames = np.zeros((1, 32, 32, 3), np.uint8)
+    frames[..., 0] = 255  # a red scene: a red tint would be invisible
+    raw = np.zeros((1, 32, 32), np.uint8)
+    raw[0, 8:24, 8:24] = 1
+    out = preview_frames(frames, raw, raw)
+    assert (out[0, 8, 8:24] == 255).all()  # boundary row is white
+    assert not (out[0, 16, 16] == 255).all() and out[0, 16, 16, 2] > 100  # interior tinted blue
+    assert (out[0, 0, 0] == frames[0, 0, 0]).all()  # outside untouched
