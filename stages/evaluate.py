@@ -23,7 +23,7 @@ from stages import __version__
 from stages import metrics as M
 from stages.errors import InputError, UsageError
 from stages.progress import Progress
-from stages.workspace import Workspace, check_name
+from stages.workspace import Workspace, check_name, json_safe
 
 RECON = "reconstruction"
 METRICS = ("psnr", "ssim", "lpips", "warp", "smoothness", "vbench", "clip", "pickscore")
@@ -80,24 +80,6 @@ def parse_metrics(items: Iterable[str] | None) -> list[str]:
 def unavailable(reason: str, how: str) -> dict[str, Any]:
     """The JSON shape of a metric that could not be computed."""
     return {"available": False, "reason": reason, "how": how}
-
-
-def json_safe(value: Any) -> Any:
-    """Recursively make floats JSON-safe: +-inf -> "inf"/"-inf", nan -> None; numpy -> Python."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-    return value
 
 
 def as_number(value: Any) -> float | None:

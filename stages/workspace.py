@@ -113,7 +113,7 @@ class Workspace:
         """Merge `values` into the attributes of group `name` (root by default), under the lock."""
         with self.lock():
             group = self.require_group(name) if name else zarr.open_group(str(self.path), mode="r+")
-            group.attrs.update(_jsonable(values))
+            group.attrs.update(json_safe(values))
 
     def group_attrs(self, name: str) -> dict[str, Any]:
         """Attributes of group `name`, or {} if it does not exist."""
@@ -151,7 +151,7 @@ class Workspace:
                                     fill_value=0, overwrite=True)
             arr[...] = data
             if attrs:
-                arr.attrs.update(_jsonable(attrs))
+                arr.attrs.update(json_safe(attrs))
             self._move_into_place(tmp, name)
         return self.array(name)
 
@@ -234,18 +234,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def _jsonable(value: Any) -> Any:
-    """Convert numpy scalars/arrays and paths so zarr can store them as JSON attributes."""
+def json_safe(value: Any) -> Any:
+    """Make a value strict-JSON safe, recursively: numpy -> Python, Path -> str, nan -> None,
+    +-inf -> "inf"/"-inf" (the convention of stored attributes, `--json` output and `vd eval`)."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
+        return [json_safe(v) for v in value]
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, float) and not np.isfinite(value):
-        return str(value)
+        return None if np.isnan(value) else ("inf" if value > 0 else "-inf")
     return value

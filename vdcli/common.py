@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import traceback
@@ -51,18 +50,9 @@ def run(work: Callable[[Progress], dict[str, Any]], json_out: bool, quiet: bool,
         first = str(exc).splitlines()[0] if str(exc) else ""
         fail(f"unexpected {type(exc).__name__}: {first} (set VD_DEBUG=1 for a traceback)", 1)
     if json_out:
-        print(json.dumps(_finite(result), indent=2, default=str, allow_nan=False), flush=True)
+        from stages.workspace import json_safe
+
+        print(json.dumps(json_safe(result), indent=2, default=str, allow_nan=False), flush=True)
     elif human is not None:
         human(result)
     return result
-
-
-def _finite(value: Any) -> Any:
-    """Strict JSON: nan -> null, +-inf -> "inf"/"-inf" (the convention of `vd eval`), recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
