@@ -20,7 +20,8 @@ import torch
 from stages import __version__
 from stages.config import config_dict
 from stages.control.controller import AttentionController, install
-from stages.control.editing import BLEND_BLOCKS, SA1_BLOCKS, SA2_BLOCKS, EditAttention, KeyMasks, LocalBlend
+from stages.control.editing import (BLEND_BLOCKS, SA1_MAX_TOKENS, SA2_BLOCKS, EditAttention, KeyMasks, LocalBlend,
+                                    sa1_layers)
 from stages.ddim import cfg as cfg_combine, ddim_step
 from stages.errors import InputError, Interrupted, UsageError
 from stages.invert import Inversion
@@ -51,7 +52,8 @@ class EditConfig:
     cross: bool = True
     stdg: bool = True
     cross_mode: str = "auto"  # auto (swap when token counts match, else refine) | refine | swap
-    sa1_blocks: list[str] = field(default_factory=lambda: list(SA1_BLOCKS))
+    sa1_max_tokens: int = SA1_MAX_TOKENS  # SA-I in self-attention layers with at most this many tokens
+    sa1_blocks: list[str] = field(default_factory=list)  # explicit override of the token rule (block names)
     sa2_blocks: list[str] = field(default_factory=lambda: list(SA2_BLOCKS))
     blend_blocks: list[str] = field(default_factory=lambda: list(BLEND_BLOCKS))
     output: str | None = None  # extra copy of the mp4
@@ -183,11 +185,13 @@ def edit_latents(ws: Workspace, inv: Inversion, models: Any, job: EditJob,
                            _blend_positions(models.tokenizer, job.target, cfg.blend), (h, w), cfg.blend_threshold)
     sa1_steps = int(steps * cfg.tau_s)
     cross_steps = int(cfg.tau_c * (steps + 1))
+    controller = install(models.unet, AttentionController())
+    sa1_names = sa1_layers(controller.names, (h, w), cfg.sa1_max_tokens, cfg.sa1_blocks,
+                           levels=len(models.unet.down_blocks))
     control = EditAttention(sa1=cfg.sa1, sa2=cfg.sa2, cross=cfg.cross, sa1_steps=sa1_steps, cross_steps=cross_steps,
                             mapper=plan.mapper, alphas=plan.alphas, equalizer=plan.equalizer, key_masks=key_masks,
-                            blend=blend, sa1_blocks=tuple(cfg.sa1_blocks), sa2_blocks=tuple(cfg.sa2_blocks),
+                            blend=blend, sa1_layers=tuple(sa1_names), sa2_blocks=tuple(cfg.sa2_blocks),
                             blend_blocks=tuple(cfg.blend_blocks))
-    controller = install(models.unet, AttentionController())
     installed = control.install(controller)
     blend_from = int(steps * cfg.blend_start)
 
@@ -220,6 +224,7 @@ def edit_latents(ws: Workspace, inv: Inversion, models: Any, job: EditJob,
     stats = {"unet_calls": steps, "unet_batch": 4, "sa1_steps": sa1_steps if cfg.sa1 else 0,
              "sa2_steps": steps - sa1_steps if cfg.sa2 else 0, "cross_steps": cross_steps if cfg.cross else 0,
              "cross_mode": plan.mode, "installed": {k: len(v) for k, v in installed.items()},
+             "sa1_layers": [n.removesuffix(".attn1") for n in installed["sa1"]],
              "calls": dict(control.usage)}
     return e, stats
 

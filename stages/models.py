@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 ADAPTER_REPO = "guoyww/animatediff-motion-adapter-v1-5-3"
 V3_CKPT_URL = "https://huggingface.co/guoyww/animatediff/resolve/main/v3_sd15_mm.ckpt"
 DEFAULT_SPEC = "sd15-animatediff-v3"
+ORIGINAL_MOTION_GROUPS = 32  # GroupNorm groups of every motion module in the original AnimateDiff code
 TINY_SEED = 0
 LATENT_SCALE = 0.18215
 MODEL_SUBFOLDERS = ("unet", "vae", "text_encoder")
@@ -182,6 +182,21 @@ def motion_norms(unet: nn.Module) -> dict[str, nn.GroupNorm]:
             if isinstance(mod, AnimateDiffTransformer3D)}
 
 
+def set_motion_groups(unet: nn.Module, groups: int) -> int:
+    """Give every motion-module GroupNorm the motion weights' own group count.
+
+    diffusers' `UNetMotionModel.from_unet2d` builds them with the UNet's `norm_num_groups`; AnimateDiff's motion
+    modules were trained with their own (ALGORITHM.md §11). Parameters are per channel, so only the
+    normalisation changes. Returns how many norms were set.
+    """
+    norms = motion_norms(unet)
+    for name, norm in norms.items():
+        if norm.num_channels % groups:
+            raise InputError(f"{name}: {norm.num_channels} channels cannot form {groups} GroupNorm groups")
+        norm.num_groups = int(groups)
+    return len(norms)
+
+
 def set_per_frame_groupnorm(unet: nn.Module, enabled: bool = True) -> int:
     """Make every motion-module GroupNorm per-frame (True) or diffusers' across-frames (False).
 
@@ -287,9 +302,31 @@ def file_signature(path: Path, nbytes: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
+def config_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """A config's own settings: bookkeeping keys ("_*": class name, library version, the set-ordered
+    `_use_default_values`, the load path; "*_version") dropped, so identity never depends on the process."""
+    return {k: v for k, v in config.items() if not k.startswith("_") and not k.endswith("_version")}
+
+
+def _config_files(folder: Path, subfolders: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The raw config.json files of a diffusers folder's components, as written on disk (no defaults added)."""
+    out = []
+    for sub in subfolders:
+        path = folder / sub / "config.json" if sub else folder / "config.json"
+        try:
+            out.append(config_identity(json.loads(path.read_text())))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read {path}: {exc}") from None
+    return out
+
+
 def _fingerprint(kind: str, files: list[Path], configs: list[dict[str, Any]]) -> str:
+    """Identity of a model from content only: weight-file signatures and the configs' own keys, sorted.
+
+    Never from loaded objects (libraries add process-dependent keys) or file locations.
+    """
     h = hashlib.sha256(kind.encode())
-    h.update(json.dumps(configs, sort_keys=True, default=str).encode())
+    h.update(json.dumps([config_identity(c) for c in configs], sort_keys=True, default=str).encode())
     for p in files:
         component = p.parent.name if p.parent.name in MODEL_SUBFOLDERS else ""  # never location-dependent
         h.update(f"{component}/{p.name}:{file_signature(p)}".encode())
@@ -415,7 +452,8 @@ def convert_original_motion_module(sd: dict[str, torch.Tensor]) -> dict[str, tor
 def adapter_config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The v3 MotionAdapter config with channels, layer counts, mid block and max length read from the weights.
 
-    Heads cannot be read from weights; AnimateDiff v2/v3 use 8. (GroupNorm groups come from the UNet.)
+    Heads and GroupNorm groups cannot be read from weights; the original AnimateDiff motion modules always
+    use 8 heads and 32 groups (never the UNet's group count).
     """
     cfg = dict(V3_ADAPTER_CONFIG)
     channels, layers = [], []
@@ -435,12 +473,16 @@ def adapter_config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, Any
     pe = [v for k, v in sd.items() if k.endswith(".pos_embed.pe")]
     if pe:
         cfg["motion_max_seq_length"] = int(pe[0].shape[1])
-    cfg["motion_norm_num_groups"] = math.gcd(32, *channels)
+    if any(c % ORIGINAL_MOTION_GROUPS for c in channels):
+        raise InputError(f"motion-module channels {channels} are not divisible by the original AnimateDiff's "
+                         f"{ORIGINAL_MOTION_GROUPS} GroupNorm groups; use a diffusers MotionAdapter folder instead")
+    cfg["motion_norm_num_groups"] = ORIGINAL_MOTION_GROUPS
     return cfg
 
 
-def _load_adapter(path: Path | None) -> tuple[Any, list[Path], str]:
-    """(MotionAdapter, weight files, source) from a folder, an original .ckpt/.safetensors, or the Hub cache."""
+def _load_adapter(path: Path | None) -> tuple[Any, list[Path], list[dict[str, Any]], str]:
+    """(MotionAdapter, weight files, identity configs, source) from a folder, an original .ckpt/.safetensors,
+    or the Hub cache."""
     from diffusers import MotionAdapter
 
     if path is None:
@@ -453,16 +495,17 @@ def _load_adapter(path: Path | None) -> tuple[Any, list[Path], str]:
     if path.is_dir():
         adapter = _from_pretrained(MotionAdapter, path, "")
         main = _main_weight_file(path)
-        return adapter, [main] if main else [], source
+        return adapter, [main] if main else [], _config_files(path, ("",)), source
     if not path.exists():
         raise ModelMissingError(f"motion adapter not found at {path}: {ADAPTER_GET}")
     sd = _read_state_dict(path)
     if any(".temporal_transformer." in k for k in sd):
         sd = convert_original_motion_module(sd)
-    adapter = MotionAdapter(**adapter_config_from_state_dict(sd))
+    config = adapter_config_from_state_dict(sd)
+    adapter = MotionAdapter(**config)
     # pos_embed tables are fixed sinusoids; keep diffusers' own when the file has none
     _strict_load(adapter, sd, "AnimateDiff v3 motion module", path, ignore_missing=(".pos_embed.pe",))
-    return adapter, [path], source
+    return adapter, [path], [config], source
 
 
 def _resolve_sd15(spec: str, paths: dict[str, Any]) -> tuple[Path | None, str]:
@@ -492,22 +535,21 @@ def _load_real(spec: str, paths: dict[str, Any]) -> tuple[Any, Any, Any, Any, An
         if not _is_sd15_folder(sd_path):
             raise ModelMissingError(f"{sd_path} is not an SD1.5 diffusers folder (needs unet/, vae/, text_encoder/)")
         unet2d, vae, text, tok = _load_sd15_folder(sd_path)
+        sd_configs = _config_files(sd_path, MODEL_SUBFOLDERS)
         files = [f for sub in MODEL_SUBFOLDERS if (f := _main_weight_file(sd_path / sub)) is not None]
     elif sd_path.is_file():
         if config_dir is None:
             snap = _hub_snapshot(SD15_REPO)
             config_dir = snap if snap is not None and _is_sd15_folder(snap) else None
         unet2d, vae, text, tok = _load_single_file(sd_path, config_dir)
+        sd_configs = (_config_files(config_dir, MODEL_SUBFOLDERS) if config_dir is not None
+                      else [SD15_UNET_CONFIG, SD15_VAE_CONFIG, SD15_TEXT_CONFIG])
         files = [sd_path]
     else:
         raise ModelMissingError(f"SD1.5 weights not found at {sd_path}: {SD15_GET}")
     adapter_path = paths.get("motion_adapter") or os.environ.get("VD_MOTION_ADAPTER")
-    adapter, adapter_files, adapter_source = _load_adapter(Path(str(adapter_path)).expanduser() if adapter_path else None)
-    configs = [dict(unet2d.config), dict(adapter.config), dict(vae.config), text.config.to_dict()]
-    for cfg in configs:  # paths inside configs would make the fingerprint location-dependent
-        cfg.pop("_name_or_path", None)
-        cfg.pop("transformers_version", None)
-        cfg.pop("_diffusers_version", None)
+    adapter, adapter_files, adapter_configs, adapter_source = _load_adapter(Path(str(adapter_path)).expanduser() if adapter_path else None)
+    configs = sd_configs + adapter_configs
     fingerprint = _fingerprint("sd15-animatediff", files + adapter_files, configs)
     return unet2d, adapter, vae, text, tok, fingerprint, {"sd15": sd_source, "motion_adapter": adapter_source}
 
@@ -542,6 +584,7 @@ def load_models(spec: str = DEFAULT_SPEC, device: str | torch.device = "auto", d
         unet = UNetMotionModel.from_unet2d(unet2d, adapter)
     finally:
         dlogging.set_verbosity(level)
+    set_motion_groups(unet, int(adapter.config.motion_norm_num_groups))
     del unet2d, adapter
     set_per_frame_groupnorm(unet, per_frame_groupnorm)
     # UNet weights in the compute dtype on GPU (autocast then has nothing to cast); VAE and text in fp32.

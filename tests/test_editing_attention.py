@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from stages.control.controller import AttentionController
-from stages.control.editing import (EditAttention, KeyMasks, LocalBlend, in_blocks, layer_hw, p2p_maps,
+from stages.control.editing import (EditAttention, KeyMasks, LocalBlend, in_blocks, layer_hw, p2p_maps, sa1_layers,
                                     sa1_attention, sa2_attention)
 from stages.prompts import cross_plan
 from stages.tokenizer import clip_tokenizer
@@ -140,6 +141,7 @@ def test_install_selects_layers_by_name_and_switches():
     full = dict(sa1_steps=2, cross_steps=3, mapper=plan.mapper, alphas=plan.alphas, equalizer=plan.equalizer,
                 key_masks=KeyMasks(hide, (8, 8)))
     c = fake_controller()
+    full["sa1_layers"] = sa1_layers(c.names, (64, 64))  # 512 px
     got = EditAttention(**full).install(c)
     assert {n.split(".attentions")[0] for n in got["sa1"]} == {"down_blocks.1", "down_blocks.2", "mid_block",
                                                                 "up_blocks.1", "up_blocks.2"}
@@ -158,7 +160,8 @@ def test_install_selects_layers_by_name_and_switches():
 def test_handlers_follow_the_controller_step():
     hide = torch.zeros(FR, 16, 16, dtype=torch.bool)
     c = fake_controller()
-    ea = EditAttention(cross=False, sa1_steps=2, key_masks=KeyMasks(hide, (4, 4)))
+    ea = EditAttention(cross=False, sa1_steps=2, key_masks=KeyMasks(hide, (4, 4)),
+                       sa1_layers=sa1_layers(c.names, (4, 4)))
     ea.install(c)
     name = "up_blocks.1.attentions.0.transformer_blocks.0.attn1"
     q, k, v = qkv(4, seed=6)
@@ -213,3 +216,31 @@ def test_cross_handler_edits_only_the_conditional_edit_map_while_alpha_is_on():
     c.step = 2  # alpha is 0 from int(tau_c (S + 1)) on: plain attention, no reweighting either
     torch.testing.assert_close(c.handlers[name](name, None, q, k, v), probs @ v, rtol=1e-5, atol=1e-6)
     assert ea.usage["p2p"] == 1 and ea.usage["cross_plain"] == 1
+
+
+def _sd15_self_attention_names() -> list[str]:
+    """The 16 spatial self-attention modules of an SD1.5 UNet in forward order (ALGORITHM.md §5.2)."""
+    names = [f"down_blocks.{b}.attentions.{a}" for b in (0, 1, 2) for a in (0, 1)]
+    names += ["mid_block.attentions.0"]
+    names += [f"up_blocks.{b}.attentions.{a}" for b in (1, 2, 3) for a in (0, 1, 2)]
+    return [f"{n}.transformer_blocks.0.attn1" for n in names]
+
+
+@pytest.mark.parametrize("pixels,expected", [
+    # §5.4: layers with <= 32x32 tokens. Indices follow §5.2 (0,1 down0; 2,3 down1; 4,5 down2; 6 mid;
+    # 7-9 up1; 10-12 up2; 13-15 up3). Token grids at 512: 64,32,16,8 | 768: 96,48,24,12 | 256: 32,16,8,4.
+    ((512, 512), list(range(2, 13))),
+    ((320, 512), list(range(2, 13))),   # 40x64 -> 20x32 = 640 qualifies, 40x64 = 2560 does not
+    ((256, 256), list(range(16))),
+    ((768, 768), [4, 5, 6, 7, 8, 9]),   # 48x48 = 2304 > 1024
+])
+def test_sa1_layers_follow_the_token_rule(pixels, expected):
+    names = _sd15_self_attention_names()
+    latent = (pixels[0] // 8, pixels[1] // 8)
+    cross = [n.replace("attn1", "attn2") for n in names]
+    got = sa1_layers(names + cross, latent)
+    assert got == [names[i] for i in expected]
+    # an explicit block list overrides the rule
+    assert sa1_layers(names, latent, blocks=["mid_block"]) == [names[6]]
+    if pixels == (512, 512):  # a smaller budget: only the 16x16 and 8x8 layers
+        assert sa1_layers(names, latent, max_tokens=256) == [names[i] for i in range(4, 10)]

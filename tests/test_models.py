@@ -16,6 +16,8 @@ from stages.errors import InputError, ModelMissingError, UsageError
 from stages.synthetic import moving_disc
 from stages.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, clip_tokenizer
 
+import model_files
+
 
 @pytest.fixture(scope="module")
 def tiny() -> M.Models:
@@ -181,74 +183,7 @@ def test_load_models_switch_changes_unet_output(tiny):
 # ------------------------------------------------------------------- real loading paths on tiny weights
 
 def _write_sd15_folder(root: Path, tiny_parts) -> Path:
-    unet2d, _, vae, text, _ = tiny_parts
-    unet2d.save_pretrained(root / "unet")
-    vae.save_pretrained(root / "vae")
-    text.save_pretrained(root / "text_encoder")
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    return root
-
-
-def _ldm_unet(unet2d) -> dict[str, torch.Tensor]:
-    """diffusers UNet2DConditionModel (SD1.5 layout) -> original LDM keys."""
-    sd = unet2d.state_dict()
-    lpb = unet2d.config.layers_per_block
-    ren = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-           "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
-           "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
-           "mid_block.resnets.1": "middle_block.2"}
-    for i in range(len(unet2d.down_blocks)):
-        for j in range(lpb):
-            ren[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{3 * i + j + 1}.0"
-            ren[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{3 * i + j + 1}.1"
-        ren[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{3 * i + 3}.0.op"
-    for i, block in enumerate(unet2d.up_blocks):
-        for j in range(lpb + 1):
-            ren[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{3 * i + j}.0"
-            ren[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{3 * i + j}.1"
-        ren[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{3 * i + lpb}.{2 if hasattr(block, 'attentions') else 1}.conv"
-    resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-              "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-    out = {}
-    for key, value in sd.items():
-        prefix = max((p for p in ren if key.startswith(p + ".")), key=len)
-        rest = key[len(prefix) + 1:]
-        if ".resnets." in prefix or prefix.startswith("mid_block.resnets"):
-            head, _, tail = rest.partition(".")
-            rest = f"{resnet[head]}.{tail}"
-        out[f"model.diffusion_model.{ren[prefix]}.{rest}"] = value
-    return out
-
-
-def _ldm_vae(vae) -> dict[str, torch.Tensor]:
-    """diffusers AutoencoderKL -> original LDM keys (first_stage_model.*, 1x1-conv attention)."""
-    n = len(vae.config.block_out_channels)
-    ren = {"encoder.conv_norm_out": "encoder.norm_out", "decoder.conv_norm_out": "decoder.norm_out"}
-    for part in ("encoder", "decoder"):
-        ren[f"{part}.mid_block.resnets.0"] = f"{part}.mid.block_1"
-        ren[f"{part}.mid_block.resnets.1"] = f"{part}.mid.block_2"
-        ren[f"{part}.mid_block.attentions.0"] = f"{part}.mid.attn_1"
-    for i in range(n):
-        for j in range(vae.config.layers_per_block + 1):
-            ren[f"encoder.down_blocks.{i}.resnets.{j}"] = f"encoder.down.{i}.block.{j}"
-            ren[f"decoder.up_blocks.{i}.resnets.{j}"] = f"decoder.up.{n - 1 - i}.block.{j}"
-        ren[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = f"encoder.down.{i}.downsample.conv"
-        ren[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = f"decoder.up.{n - 1 - i}.upsample.conv"
-    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-    out = {}
-    for key, value in vae.state_dict().items():
-        prefixes = [p for p in ren if key.startswith(p + ".")]
-        if prefixes:
-            prefix = max(prefixes, key=len)
-            rest = key[len(prefix) + 1:].replace("conv_shortcut", "nin_shortcut")
-            if "attentions" in prefix:
-                head, _, tail = rest.rpartition(".")
-                rest = f"{attn[head]}.{tail}"
-                if value.ndim == 2:
-                    value = value[:, :, None, None]
-            key = f"{ren[prefix]}.{rest}"
-        out[f"first_stage_model.{key}"] = value
-    return out
+    return model_files.write_config_folder(root, tiny_parts)
 
 
 def test_diffusers_folder_and_adapter_folder(tmp_path, tiny_parts, tiny):
@@ -286,28 +221,12 @@ def test_hub_cache_branch(tmp_path, tiny_parts, monkeypatch):
 def test_single_file_checkpoint_and_original_motion_module(tmp_path, tiny_parts, tiny):
     from safetensors.torch import save_file
 
-    unet2d, adapter, vae, text, _ = tiny_parts
     config_dir = _write_sd15_folder(tmp_path / "cfg", tiny_parts)
-    ckpt = {**_ldm_unet(unet2d), **_ldm_vae(vae)}
-    ckpt.update({f"cond_stage_model.transformer.{k}": v for k, v in text.state_dict().items()})
-    ckpt = {k: v.contiguous() for k, v in ckpt.items()}
-    single = tmp_path / "tinyVision.safetensors"
-    save_file(ckpt, str(single))
-    # original AnimateDiff v3 layout, saved with torch.save
-    original = {}
-    for key, value in adapter.state_dict().items():
-        parts = key.split(".")
-        key = ".".join(parts[:4] + ["temporal_transformer"] + parts[4:])
-        key = (key.replace(".norm1", ".norms.0").replace(".norm2", ".norms.1").replace(".norm3", ".ff_norm")
-               .replace(".attn1", ".attention_blocks.0").replace(".attn2", ".attention_blocks.1"))
-        if key.endswith(".pos_embed.pe"):
-            for a in (0, 1):
-                original[key.replace(".pos_embed.pe", f".attention_blocks.{a}.pos_encoder.pe")] = value
-            continue
-        original[key] = value
-    original["unrelated.weight"] = torch.zeros(1)  # non-motion keys are ignored
-    mm = tmp_path / "v3_tiny_mm.ckpt"
-    torch.save(original, mm)
+    single = model_files.write_single_file(tmp_path / "tinyVision.safetensors", tiny_parts)
+    # original AnimateDiff v3 layout, saved with torch.save; non-motion keys are ignored
+    mm = model_files.write_original_motion_module(tmp_path / "v3_tiny_mm.ckpt", tiny_parts,
+                                                  extra={"unrelated.weight": torch.zeros(1)})
+    original = model_files.original_motion_state(tiny_parts[1])
     assert M.adapter_config_from_state_dict(M.convert_original_motion_module(original))["block_out_channels"] == [32, 32, 64, 64]
 
     m = M.load_models(str(single), motion_adapter=mm, sd15_config=config_dir)
@@ -386,3 +305,95 @@ def test_cli_models_json(tmp_path, monkeypatch, tiny_parts):
         assert comps["sam2-tiny"]["present"]
     human = runner.invoke(app, ["models"])
     assert human.exit_code == 0 and "sd15" in human.stdout and "present" in human.stdout
+
+
+# ------------------------------------------------------------- identity and motion-module GroupNorm groups
+
+FINGERPRINT_SCRIPT = """
+import sys
+from stages.models import load_models
+print(load_models(sys.argv[1], device="cpu", motion_adapter=sys.argv[2]).fingerprint)
+"""
+
+
+def test_fingerprint_is_content_only_and_process_independent(tmp_path, tiny_parts):
+    import os
+    import subprocess
+    import sys
+
+    folder = model_files.write_legacy_folder(tmp_path / "sd15", tiny_parts)
+    mm = model_files.write_original_motion_module(tmp_path / "mm.ckpt", tiny_parts)
+    root = Path(__file__).resolve().parent.parent
+    prints = set()
+    for seed in ("0", "1", "2"):  # diffusers' `_use_default_values` order follows the hash seed
+        env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+        out = subprocess.run([sys.executable, "-c", FINGERPRINT_SCRIPT, str(folder), str(mm)], env=env, cwd=root,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        prints.add(out.stdout.strip().splitlines()[-1])
+    assert len(prints) == 1
+    fp = prints.pop()
+    assert fp == M.load_models(str(folder), motion_adapter=mm).fingerprint
+    # the same files elsewhere: the same identity; a changed setting in a config: another one
+    shutil.copytree(folder, tmp_path / "moved")
+    assert M.load_models(str(tmp_path / "moved"), motion_adapter=mm).fingerprint == fp
+    cfg_path = tmp_path / "moved" / "unet" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["norm_eps"] = 1e-6
+    cfg_path.write_text(json.dumps(cfg))
+    assert M.load_models(str(tmp_path / "moved"), motion_adapter=mm).fingerprint != fp
+
+
+def test_legacy_bin_folder_loads_the_same_weights(tmp_path, tiny_parts, tiny):
+    folder = model_files.write_legacy_folder(tmp_path / "sd15", tiny_parts)
+    assert not list(folder.rglob("*.safetensors")) and len(list(folder.rglob("*.bin"))) == 3
+    m = M.load_models(str(folder), motion_adapter=model_files.write_adapter_folder(tmp_path / "ad", tiny_parts))
+    _assert_same_weights(m.unet, tiny.unet)
+    _assert_same_weights(m.vae, tiny.vae)
+    _assert_same_weights(m.text_encoder, tiny.text_encoder)
+
+
+def _per_frame_group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
+                          eps: float) -> torch.Tensor:
+    """GroupNorm of a (B, C, F, H, W) tensor written out: per frame, statistics over (C/groups, H, W)."""
+    b, c, f, h, w = x.shape
+    y = x.permute(0, 2, 1, 3, 4).reshape(b, f, groups, c // groups, h, w).double()
+    mean = y.mean(dim=(3, 4, 5), keepdim=True)
+    var = ((y - mean) ** 2).mean(dim=(3, 4, 5), keepdim=True)
+    y = ((y - mean) / torch.sqrt(var + eps)).reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
+    return (y * weight.double()[None, :, None, None, None] + bias.double()[None, :, None, None, None]).float()
+
+
+def test_motion_groups_come_from_the_motion_weights(tmp_path, tiny_parts, tiny):
+    from diffusers import MotionAdapter
+
+    assert tiny.unet.config.norm_num_groups == 8
+    folder = model_files.write_config_folder(tmp_path / "sd15", tiny_parts)
+    # the original AnimateDiff format: always 32 groups, whatever the UNet uses
+    mm = model_files.write_original_motion_module(tmp_path / "mm.ckpt", tiny_parts)
+    m = M.load_models(str(folder), motion_adapter=mm)
+    norms = M.motion_norms(m.unet)
+    assert len(norms) == 2 * 4 + 3 * 4 and {n.num_groups for n in norms.values()} == {32}
+    resnet_groups = {mod.num_groups for name, mod in m.unet.named_modules()
+                     if isinstance(mod, torch.nn.GroupNorm) and ".resnets." in name}
+    assert resnet_groups == {8}
+    seen = {}
+    name = "down_blocks.1.motion_modules.0.norm"
+    hook = dict(m.unet.named_modules())[name].register_forward_hook(
+        lambda mod, args, out: seen.update(x=args[0].detach(), y=out.detach()))
+    z = torch.randn(1, 3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    emb = torch.randn(3, 77, 32, generator=torch.Generator().manual_seed(1))
+    eps_32 = M.unet_eps(m, z, 500, emb)
+    hook.remove()
+    norm = norms[name]
+    torch.testing.assert_close(seen["y"], _per_frame_group_norm(seen["x"], 32, norm.weight, norm.bias, norm.eps),
+                               rtol=1e-4, atol=1e-5)
+    # the tiny model's motion modules use 8 groups: same weights, different noise prediction
+    assert (eps_32 - M.unet_eps(tiny, z, 500, emb)).abs().max() > 1e-3
+    # a diffusers MotionAdapter folder: its own motion_norm_num_groups
+    adapter = MotionAdapter(**{**M.TINY_ADAPTER_CONFIG, "motion_norm_num_groups": 16})
+    adapter.load_state_dict(tiny_parts[1].state_dict())
+    adapter.save_pretrained(tmp_path / "adapter16")
+    m16 = M.load_models(str(folder), motion_adapter=tmp_path / "adapter16")
+    assert {n.num_groups for n in M.motion_norms(m16.unet).values()} == {16}
+    assert m16.fingerprint != m.fingerprint

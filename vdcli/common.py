@@ -35,6 +35,9 @@ def fail(message: str, code: int) -> None:
 def run(work: Callable[[Progress], dict[str, Any]], json_out: bool, quiet: bool,
         human: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run a stage with user-facing error handling; print JSON or the human summary."""
+    from stages.quiet import silence_libraries
+
+    silence_libraries()
     progress = Progress(quiet=quiet)
     try:
         result = work(progress)

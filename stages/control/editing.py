@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from stages.control.controller import AttentionController, attention_probs, module_kind
 
-SA1_BLOCKS = ("down_blocks.1", "down_blocks.2", "mid_block", "up_blocks.1", "up_blocks.2")
+SA1_MAX_TOKENS = 32 * 32  # SA-I acts in self-attention layers with at most this many tokens (§5.4)
 SA2_BLOCKS = ("up_blocks.1", "up_blocks.2", "up_blocks.3")
 BLEND_BLOCKS = ("down_blocks.2", "up_blocks.1")  # the 16x16 cross layers at 512 px, as in P2P
 
@@ -26,6 +26,37 @@ BLEND_BLOCKS = ("down_blocks.2", "up_blocks.1")  # the 16x16 cross layers at 512
 def in_blocks(name: str, blocks: Sequence[str]) -> bool:
     """Whether module `name` lies inside one of `blocks` ("up_blocks.1" matches "up_blocks.1.*" only)."""
     return any(name == b or name.startswith(b + ".") for b in blocks)
+
+
+def block_level(name: str, levels: int = 4) -> int:
+    """How many times the UNet has halved the latent where module `name` runs (down_blocks.i: i, mid: the
+    deepest, up_blocks.j: levels - 1 - j, since an up block attends before its upsampler)."""
+    parts = name.split(".")
+    if parts[0] == "down_blocks":
+        return int(parts[1])
+    if parts[0] == "mid_block":
+        return levels - 1
+    if parts[0] == "up_blocks":
+        return levels - 1 - int(parts[1])
+    raise ValueError(f"{name} is not inside a UNet block")
+
+
+def layer_tokens(name: str, latent_hw: tuple[int, int], levels: int = 4) -> int:
+    """Spatial tokens of module `name` for a latent of size latent_hw (stride-2 convs round up)."""
+    h, w = latent_hw
+    for _ in range(block_level(name, levels)):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return h * w
+
+
+def sa1_layers(names: Sequence[str], latent_hw: tuple[int, int], max_tokens: int = SA1_MAX_TOKENS,
+               blocks: Sequence[str] = (), levels: int = 4) -> list[str]:
+    """The spatial self-attention modules SA-I edits: those with <= max_tokens tokens at this resolution
+    (the method's rule), or, when `blocks` is given, those inside these blocks (an explicit override)."""
+    selves = [n for n in names if module_kind(n) == "self"]
+    if blocks:
+        return [n for n in selves if in_blocks(n, blocks)]
+    return [n for n in selves if layer_tokens(n, latent_hw, levels) <= max_tokens]
 
 
 def slots(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -179,7 +210,7 @@ class EditAttention:
     equalizer: torch.Tensor | None = None
     key_masks: KeyMasks | None = None
     blend: LocalBlend | None = None
-    sa1_blocks: Sequence[str] = SA1_BLOCKS
+    sa1_layers: Sequence[str] = ()  # module names SA-I edits (see `sa1_layers()`)
     sa2_blocks: Sequence[str] = SA2_BLOCKS
     blend_blocks: Sequence[str] = BLEND_BLOCKS
     usage: Counter = field(default_factory=Counter)
@@ -192,7 +223,7 @@ class EditAttention:
         for name in controller.names:
             kind = module_kind(name)
             if kind == "self":
-                wants1 = self.sa1 and self.sa1_steps > 0 and in_blocks(name, self.sa1_blocks)
+                wants1 = self.sa1 and self.sa1_steps > 0 and name in self.sa1_layers
                 wants2 = self.sa2 and self.key_masks is not None and in_blocks(name, self.sa2_blocks)
                 if wants1:
                     installed["sa1"].append(name)
