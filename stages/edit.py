@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from stages import __version__
+from stages import __version__, stagelock
 from stages.config import config_dict
 from stages.control.controller import AttentionController, install
 from stages.control.editing import (BLEND_BLOCKS, SA1_MAX_TOKENS, SA2_BLOCKS, EditAttention, KeyMasks, LocalBlend,
@@ -27,6 +27,7 @@ from stages.errors import InputError, Interrupted, UsageError
 from stages.invert import Inversion
 from stages.progress import Progress
 from stages.prompts import changed_words, cross_plan, resolve_prompt, slug, word_positions, words
+from stages.windows import Windows, blend as blend_windows, plan_windows, weight_tensor
 from stages.workspace import Workspace, check_name
 
 
@@ -44,7 +45,7 @@ class EditConfig:
     tau_s: float = 0.4  # SA-I for steps < int(S tau_s), SA-II from there on
     tau_c: float = 0.8  # P2P for steps < int(tau_c (S + 1))
     background: bool = False  # edit the background: SA-II hides the source background instead
-    blend: list[str] = field(default_factory=list)  # local-blend words (off when empty)
+    blend: list[str] = field(default_factory=list, metadata={"words": True})  # local-blend words (off when empty)
     blend_threshold: float = 0.3
     blend_start: float = 0.2  # blend from step int(blend_start S)
     sa1: bool = True
@@ -100,8 +101,16 @@ def _check_region(ws: Workspace, inv: Inversion, cfg: EditConfig, progress: Prog
 
 
 def _validate(cfg: EditConfig) -> None:
+    from stages.config import check_config
+
     if isinstance(cfg.blend, str):  # presets may give "bear tiger"
         cfg.blend = cfg.blend.replace(",", " ").split()
+    check_config(cfg)  # types and finite numbers (e.g. --reweight blue=nan)
+    bad = {w: c for w, c in cfg.reweight.items() if abs(c) > 100}
+    if bad:
+        raise UsageError(f"--reweight weights must lie in [-100, 100], got {bad}")
+    if not 0.0 <= cfg.blend_start <= 1.0:
+        raise UsageError(f"blend start must lie in [0, 1], got {cfg.blend_start}")
     if not 0.0 <= cfg.tau_s <= 1.0 or not 0.0 <= cfg.tau_c <= 1.0:
         raise UsageError(f"--tau-s and --tau-c must lie in [0, 1] (got {cfg.tau_s}, {cfg.tau_c})")
     if not 0.0 < cfg.blend_threshold < 1.0:
@@ -170,6 +179,7 @@ def edit_latents(ws: Workspace, inv: Inversion, models: Any, job: EditJob,
     dev = models.device
     lat = torch.from_numpy(np.asarray(inv.latents, dtype=np.float32)).to(dev)
     frames, h, w = lat.shape[1], lat.shape[3], lat.shape[4]
+    windows = inversion_windows(inv)
     emb_tgt, emb_src, emb_neg = encode_text(models, [job.target, inv.prompt, inv.negative_prompt]).to(dev)
 
     plan = cross_plan(models.tokenizer, inv.prompt, job.target, cfg.reweight, cfg.cross_mode)
@@ -178,19 +188,22 @@ def edit_latents(ws: Workspace, inv: Inversion, models: Any, job: EditJob,
         if not ws.has("masks/edit"):
             raise InputError(f"workspace {ws.path} has no masks/edit; run `vd mask` (or pass --no-sa2)")
         fg = torch.from_numpy(np.asarray(ws.read("masks/edit")) > 0)
-        key_masks = KeyMasks(~fg if cfg.background else fg, (h, w))
-    blend = None
-    if cfg.blend:
-        blend = LocalBlend(_blend_positions(models.tokenizer, inv.prompt, cfg.blend),
-                           _blend_positions(models.tokenizer, job.target, cfg.blend), (h, w), cfg.blend_threshold)
+        hide = ~fg if cfg.background else fg
+        key_masks = [KeyMasks(hide[s:e_], (h, w)) for s, e_ in windows.spans]
+    blends = None
+    if cfg.blend:  # one recorder per window: maps exist per window, the masks are blended per frame
+        src_pos = _blend_positions(models.tokenizer, inv.prompt, cfg.blend)
+        tgt_pos = _blend_positions(models.tokenizer, job.target, cfg.blend)
+        blends = [LocalBlend(src_pos, tgt_pos, (h, w), cfg.blend_threshold) for _ in windows.spans]
     sa1_steps = int(steps * cfg.tau_s)
     cross_steps = int(cfg.tau_c * (steps + 1))
     controller = install(models.unet, AttentionController())
     sa1_names = sa1_layers(controller.names, (h, w), cfg.sa1_max_tokens, cfg.sa1_blocks,
                            levels=len(models.unet.down_blocks))
     control = EditAttention(sa1=cfg.sa1, sa2=cfg.sa2, cross=cfg.cross, sa1_steps=sa1_steps, cross_steps=cross_steps,
-                            mapper=plan.mapper, alphas=plan.alphas, equalizer=plan.equalizer, key_masks=key_masks,
-                            blend=blend, sa1_layers=tuple(sa1_names), sa2_blocks=tuple(cfg.sa2_blocks),
+                            mapper=plan.mapper, alphas=plan.alphas, equalizer=plan.equalizer,
+                            key_masks=key_masks[0] if key_masks else None, blend=blends[0] if blends else None,
+                            sa1_layers=tuple(sa1_names), sa2_blocks=tuple(cfg.sa2_blocks),
                             blend_blocks=tuple(cfg.blend_blocks))
     installed = control.install(controller)
     blend_from = int(steps * cfg.blend_start)
@@ -203,18 +216,26 @@ def edit_latents(ws: Workspace, inv: Inversion, models: Any, job: EditJob,
                 controller.step = i
                 t, t_prev = sched.edit_timesteps[i], sched.edit_prev[i]
                 phi = torch.from_numpy(np.asarray(inv.null_embeddings[i], dtype=np.float32)).to(dev)
-                emb = torch.cat([phi, emb_tgt.expand(frames, -1, -1), emb_neg.expand(frames, -1, -1),
-                                 emb_src.expand(frames, -1, -1)])
                 ref = lat[steps - i]
-                if blend is not None:
-                    blend.reset()
-                eps = unet_eps(models, torch.stack([e, e, ref, ref]), t, emb)
+                batch = torch.stack([e, e, ref, ref])
+                for rec in blends or ():
+                    rec.reset()
+
+                def window_eps(s: int, e_: int) -> torch.Tensor:
+                    k, n = windows.spans.index((s, e_)), e_ - s
+                    control.key_masks = key_masks[k] if key_masks else None
+                    control.blend = blends[k] if blends else None
+                    emb = torch.cat([phi[s:e_], emb_tgt.expand(n, -1, -1), emb_neg.expand(n, -1, -1),
+                                     emb_src.expand(n, -1, -1)])
+                    return unet_eps(models, batch[:, s:e_], t, emb)
+
+                eps = blend_windows(windows, window_eps)
                 guidance = None
                 if cfg.stdg:
                     guidance = torch.from_numpy(np.asarray(inv.guidance[i], dtype=np.float32)).to(dev)
                 e = ddim_step(e, cfg_combine(eps[0], eps[1], inv.cfg), t, t_prev, guidance=guidance)
-                if blend is not None and i >= blend_from:
-                    mask = blend.mask()
+                if blends is not None and i >= blend_from:
+                    mask = _blend_mask(windows, blends)
                     if mask is not None:
                         target = lat[steps - 1 - i]
                         e = target + mask.to(dev) * (e - target)
@@ -225,8 +246,29 @@ def edit_latents(ws: Workspace, inv: Inversion, models: Any, job: EditJob,
              "sa2_steps": steps - sa1_steps if cfg.sa2 else 0, "cross_steps": cross_steps if cfg.cross else 0,
              "cross_mode": plan.mode, "installed": {k: len(v) for k, v in installed.items()},
              "sa1_layers": [n.removesuffix(".attn1") for n in installed["sa1"]],
-             "calls": dict(control.usage)}
+             "calls": dict(control.usage), "windows": windows.describe()}
     return e, stats
+
+
+def inversion_windows(inv: Inversion) -> Windows:
+    """The temporal windows the inversion ran with (one window for inversions made before windows)."""
+    spec = inv.attrs.get("windows") or {}
+    if not spec:
+        return Windows(inv.frames, inv.frames, 0, ((0, inv.frames),))
+    return plan_windows(inv.frames, int(spec["window"]), int(spec["overlap"]))
+
+
+def _blend_mask(windows: Windows, blends: list[LocalBlend]) -> torch.Tensor | None:
+    """The local-blend mask per frame: one window's own, or the windows' masks mixed with their weights."""
+    masks = [b.mask() for b in blends]
+    if windows.single or all(m is None for m in masks):
+        return masks[0]
+    ref = next(m for m in masks if m is not None)
+    out = torch.zeros((windows.frames,) + tuple(ref.shape[1:]), dtype=ref.dtype, device=ref.device)
+    for k, ((s, e_), m) in enumerate(zip(windows.spans, masks)):
+        if m is not None:
+            out[s:e_] += weight_tensor(windows, k, m, frame_dim=0) * m
+    return out
 
 
 # ----------------------------------------------------------------------------------------- outputs
@@ -256,7 +298,19 @@ def _versions() -> dict[str, str]:
     return {"vd": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
 
 
+def _verify_inputs(ws: Workspace, cfgs: Sequence[EditConfig]) -> None:
+    """Decode every array an edit reads besides the inversion (already in memory) before anything is
+    written, so a damaged workspace fails with a named InputError instead of a half-written edit."""
+    names = ["video/frames", "inversion/reconstruction"]
+    if any(c.sa2 for c in cfgs):
+        names.append("masks/edit")
+    for name in names:
+        if ws.has(name):
+            ws.verify(name)
+
+
 # ----------------------------------------------------------------------------------------- entry points
+@stagelock.scoped
 def run_edits(ws: Workspace, cfgs: Sequence[EditConfig], progress: Progress | None = None,
               models: Any = None) -> list[dict[str, Any]]:
     """Run several edits on one workspace with the model loaded once; returns one summary per edit.
@@ -266,7 +320,11 @@ def run_edits(ws: Workspace, cfgs: Sequence[EditConfig], progress: Progress | No
     progress = progress or Progress(quiet=True)
     if not cfgs:
         raise InputError("no edits to run (empty prompt list)")
+    stagelock.hold(ws.path, stagelock.WORKSPACE, "vd edit", f"workspace {ws.path}", shared=True)
+    reading = stagelock.hold(ws.path, "inversion", "vd edit", f"the inversion in {ws.path}", shared=True)
     inv = load_inversion_for_edit(ws)
+    _verify_inputs(ws, cfgs)
+    reading.release()
     jobs = []
     for cfg in cfgs:
         _check_region(ws, inv, cfg, progress)
@@ -275,6 +333,8 @@ def run_edits(ws: Workspace, cfgs: Sequence[EditConfig], progress: Progress | No
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise InputError(f"several edits would be named {dup[0]!r}; give distinct prompts or names")
+    for name in names:  # one writer per edit name, held until every edit of this run is written
+        stagelock.hold(ws.path, f"edits/{name}", "vd edit", f"edit {name!r} in {ws.path}")
     for job in jobs:
         progress.log(f"edit {job.name!r}: {job.target}")
         if job.cfg.reweight and not job.cfg.cross:

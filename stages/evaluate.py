@@ -34,12 +34,14 @@ OCCLUSION = {"alpha": 0.01, "beta": 0.5}
 HOW = {
     "lpips": "pass --lpips PATH or set VD_LPIPS=PATH: one .safetensors/.pth holding torchvision AlexNet or "
              "VGG16 `features.*` plus LPIPS `lin0..lin4` weights, or a folder with both files "
-             "(e.g. alexnet-owt-7be5be79.pth + the lpips project's weights/v0.1/alex.pth)",
+             "(e.g. alexnet-owt-7be5be79.pth + the lpips project's weights/v0.1/alex.pth), "
+             "or run `vd models --get lpips`",
     "clip": "pass --clip DIR or set VD_CLIP=DIR: a local Hugging Face CLIP folder "
-            "(e.g. a copy of openai/clip-vit-large-patch14 with its processor files)",
+            "(e.g. a copy of openai/clip-vit-large-patch14 with its processor files), "
+            "or run `vd models --get clip`",
     "pickscore": "pass --pickscore DIR or set VD_PICKSCORE=DIR: a local copy of yuvalkirstain/PickScore_v1; "
                  "if it lacks processor files set VD_PICKSCORE_PROCESSOR to a copy of "
-                 "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                 "laion/CLIP-ViT-H-14-laion2B-s32B-b79K; or run `vd models --get pickscore`",
     "vbench": "install the vbench package and put VBench's AMT-S checkpoint at ~/.cache/vbench/amt_model/amt-S.pth "
               "or pass --amt PATH / set VD_AMT=PATH",
 }
@@ -111,9 +113,9 @@ class Scorers:
 
     def __init__(self, config: EvalConfig):
         self.paths = {
-            "lpips": _configured(config.lpips, "VD_LPIPS", "--lpips"),
-            "clip": _configured(config.clip, "VD_CLIP", "--clip"),
-            "pickscore": _configured(config.pickscore, "VD_PICKSCORE", "--pickscore"),
+            "lpips": _configured(config.lpips, "VD_LPIPS", "--lpips") or _downloaded("lpips"),
+            "clip": _configured(config.clip, "VD_CLIP", "--clip") or _downloaded("clip"),
+            "pickscore": _configured(config.pickscore, "VD_PICKSCORE", "--pickscore") or _downloaded("pickscore"),
             "vbench": _configured(config.amt, "VD_AMT", "--amt") or _default_amt(),
         }
         self.device_name = config.device
@@ -149,7 +151,8 @@ class Scorers:
             return net
         processor = None
         if name == "pickscore":  # PickScore_v1 ships without processor files; they may live elsewhere
-            processor = _configured(None, "VD_PICKSCORE_PROCESSOR", "VD_PICKSCORE_PROCESSOR")
+            processor = (_configured(None, "VD_PICKSCORE_PROCESSOR", "VD_PICKSCORE_PROCESSOR")
+                         or _downloaded("pickscore-processor"))
         return _load_clip(path, processor or path, name)
 
 
@@ -161,6 +164,16 @@ def _configured(value: str | None, env: str, flag: str) -> Path | None:
     if not path.exists():
         raise InputError(f"{flag} {raw}: no such file or folder")
     return path
+
+
+def _downloaded(name: str) -> Path | None:
+    """Weights `vd models --get NAME` put into the standard caches (used when nothing is configured)."""
+    from stages.fetch import locate
+
+    try:
+        return locate(name)
+    except ImportError:  # huggingface_hub missing: nothing can have been downloaded
+        return None
 
 
 def _default_amt() -> Path | None:
@@ -311,6 +324,7 @@ class _Clip:
         if self.mask.shape != self.source.shape[:3] or self.raw.shape != self.source.shape[:3]:
             raise InputError(f"{ws.path}: masks {self.mask.shape} do not match video/frames {self.source.shape}")
         self._flows: tuple[list[np.ndarray], list[np.ndarray]] | None = None
+        self.seam_pairs = _seam_pairs(ws, len(self.source))
 
     def frames(self, name: str) -> np.ndarray:
         key = "inversion/reconstruction" if name == RECON else f"edits/{name}/frames"
@@ -328,6 +342,32 @@ class _Clip:
             bwd = [M.farneback_flow(s[f + 1], s[f]) for f in range(len(s) - 1)]
             self._flows = (fwd, bwd)
         return self._flows
+
+
+def _seam_pairs(ws: Workspace, frames: int) -> list[int] | None:
+    """Frame pairs (f, f+1), by f, that cross a window border of the inversion; None with one window."""
+    from stages.windows import plan_windows
+
+    spec = ws.group_attrs("inversion").get("windows") or {}
+    if not spec or len(spec.get("spans") or []) < 2:
+        return None
+    windows = plan_windows(frames, int(spec["window"]), int(spec["overlap"]))
+    pairs = set()
+    for s, e in windows.spans:
+        if s > 0:
+            pairs.add(s - 1)  # entering a window
+        if e < frames:
+            pairs.add(e - 1)  # leaving one
+    return sorted(pairs)
+
+
+def seam_metrics(warp: list[float], seam_pairs: list[int] | None) -> dict[str, Any]:
+    """Warp error on the frame pairs at window borders vs the pairs inside windows (empty with one window)."""
+    if not seam_pairs:
+        return {}
+    inside = [v for f, v in enumerate(warp) if f not in seam_pairs]
+    return {"warp_error_seam": clip_mean([warp[f] for f in seam_pairs if f < len(warp)]),
+            "warp_error_inside": clip_mean(inside) if inside else None}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -386,6 +426,7 @@ def _evaluate_edit(clip: _Clip, name: str, frames: np.ndarray, attrs: dict[str, 
             }
             for key, vals in series.items():
                 out[key], per_frame[key] = clip_mean(vals), vals
+            out.update(seam_metrics(series["warp_error"], clip.seam_pairs))
     if "smoothness" in metrics:
         for key, video in (("smoothness", frames), ("smoothness_source", clip.source)):
             vals = M.smoothness_proxy(video).tolist()
@@ -447,6 +488,11 @@ def run_eval(workspace: Workspace | str | Path, config: EvalConfig, progress: Pr
                 per_frame: dict[str, Any] = {}
                 _fidelity(clip, frames, {"": None, "_inside": clip.mask, "_outside": ~clip.mask},
                           [m for m in metrics if m in GROUPS["fidelity"]], scorers, out, per_frame)
+                if "warp" in metrics and clip.seam_pairs:  # long clips: are the window seams visible?
+                    fwd, bwd = clip.flows
+                    vals = [M.warp_error(frames[f], frames[f + 1], fwd[f], bwd[f]) for f in range(len(frames) - 1)]
+                    out["warp_error"], per_frame["warp_error"] = clip_mean(vals), vals
+                    out.update(seam_metrics(vals, clip.seam_pairs))
                 info = {"kind": RECON, "region": "whole frame; inside / outside masks/edit"}
             else:
                 out, per_frame, info = _evaluate_edit(clip, name, frames, attrs, metrics, scorers)

@@ -105,6 +105,7 @@ def _inversion(ws: Workspace) -> dict[str, Any] | None:
         if attrs.get(key) is not None:
             out[key] = attrs[key]
     out["arrays"] = sorted(_arrays_under(ws, "inversion"))
+    out["writer"] = _writer(ws, "inversion")
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -121,6 +122,7 @@ def _edits(ws: Workspace) -> list[dict[str, Any]] | None:
                  "mp4": str(child / "edit.mp4") if (child / "edit.mp4").is_file() else None}
         if attrs.get("timings") is not None:
             entry["timings"] = attrs["timings"]
+        entry["writer"] = _writer(ws, f"edits/{child.name}")
         edits.append({k: v for k, v in entry.items() if v is not None})
     return edits
 
@@ -134,12 +136,23 @@ def _eval(ws: Workspace) -> list[dict[str, Any]] | None:
             for child in sorted(p for p in root.iterdir() if (p / "zarr.json").is_file())]
 
 
+def _writer(ws: Workspace, name: str) -> str | None:
+    """Who is writing stage `name` right now (a live lock holder), for `vd info`."""
+    from stages import stagelock
+
+    info = stagelock.holder(ws.path, name)
+    return stagelock.describe(info) if info else None
+
+
 def _arrays_under(ws: Workspace, name: str) -> list[str]:
-    """Names of arrays below group `name` (found through their zarr.json node type)."""
+    """Names of arrays below group `name` (found through their zarr.json node type; .tmp/ and .locks/
+    are not part of the workspace)."""
     import json
 
     found = []
     for meta in (ws.path / name).rglob("zarr.json"):
+        if any(part.startswith(".") for part in meta.relative_to(ws.path).parts):
+            continue
         try:
             node = json.loads(meta.read_text()).get("node_type")
         except (OSError, ValueError):
@@ -188,6 +201,8 @@ def format_info(info: dict[str, Any]) -> list[str]:
         lines.append(f"inversion  unreadable: {inv['error']}")
     else:
         steps = f"{inv.get('steps_done', '?')}/{inv.get('steps_total', '?')} steps"
+        if inv.get("writer"):
+            steps += f" (being written by {inv['writer']})"
         recon = inv.get("recon") if isinstance(inv.get("recon"), dict) else {}
         psnr = f", reconstruction PSNR {_num(recon['psnr'])} dB" if isinstance(recon.get("psnr"), float) else ""
         lines.append(f"inversion  {inv.get('status', '?')}, {steps}, model {inv.get('model', '?')}, "
@@ -195,7 +210,8 @@ def format_info(info: dict[str, Any]) -> list[str]:
     edits = info.get("edits")
     if isinstance(edits, list) and edits:
         for edit in edits:
-            lines.append(f"edit       {edit.get('name')}: {edit.get('status', '?')}, prompt {edit.get('prompt')!r}")
+            busy = f" (being written by {edit['writer']})" if edit.get("writer") else ""
+            lines.append(f"edit       {edit.get('name')}: {edit.get('status', '?')}{busy}, prompt {edit.get('prompt')!r}")
     elif isinstance(edits, dict):
         lines.append(f"edits      unreadable: {edits.get('error')}")
     evals = info.get("eval")
@@ -223,3 +239,119 @@ def _num(value: Any) -> str:
 
 def _pct(value: Any) -> str:
     return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "?"
+
+
+# --------------------------------------------------------------------------------------------- --check
+def check_workspace(path: str | Path) -> dict[str, Any]:
+    """`vd info --check`: decode every chunk of every array and check that the stages agree with their
+    done flags and with each other's shapes. Returns {ok, arrays, problems: [{name, problem, fix}],
+    notes: [...]}; a stage being written right now (a live lock) is reported, not judged."""
+    from stages import stagelock
+    from stages.errors import InputError
+    from stages.workspace import remedy
+
+    ws = Workspace.open(path)
+    problems: list[dict[str, str]] = []
+    notes: list[str] = []
+
+    def problem(name: str, text: str) -> None:
+        problems.append({"name": name, "problem": text, "fix": remedy(name, ws.path)})
+
+    arrays = sorted(_arrays_under(ws, ""))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in arrays:
+        try:
+            shapes[name] = ws.verify(name)
+        except InputError as exc:
+            problem(name, f"does not decode: {getattr(exc, 'detail', exc)}")
+    frames = shapes.get("video/frames")
+    if frames is None and "video/frames" not in arrays:
+        problem("video/frames", "missing")
+    for name in ("masks/raw", "masks/edit"):
+        if frames and name in shapes and shapes[name] != frames[:3]:
+            problem(name, f"shape {list(shapes[name])} does not match the frames {list(frames[:3])}")
+    if ws.has("inversion"):
+        writer = stagelock.holder(ws.path, "inversion")
+        if writer:
+            notes.append(f"inversion: being written by {stagelock.describe(writer)}; not checked")
+        else:
+            _check_inversion(ws, shapes, frames, problem, notes)
+    for name in sorted(p.name for p in (ws.path / "edits").glob("*") if (p / "zarr.json").is_file()):
+        base = f"edits/{name}"
+        writer = stagelock.holder(ws.path, base)
+        status = ws.group_attrs(base).get("status")
+        if writer:
+            notes.append(f"{base}: being written by {stagelock.describe(writer)}; not checked")
+        elif status != "done":
+            notes.append(f"{base}: unfinished (status {status!r}); redo it with `vd edit {ws.path} --name {name} "
+                         f"--force ...`")
+        elif f"{base}/frames" not in arrays:
+            problem(f"{base}/frames", "marked done but missing")
+        elif frames and f"{base}/frames" in shapes and shapes[f"{base}/frames"] != frames:
+            problem(f"{base}/frames", f"shape {list(shapes[f'{base}/frames'])} does not match the frames "
+                                      f"{list(frames)}")
+    return {"workspace": str(ws.path.resolve()), "ok": not problems, "arrays": len(arrays),
+            "problems": problems, "notes": notes}
+
+
+def _check_inversion(ws: Workspace, shapes: dict[str, tuple[int, ...]], frames: tuple[int, ...] | None,
+                     problem: Any, notes: list[str]) -> None:
+    attrs = ws.group_attrs("inversion")
+    status, steps = attrs.get("status"), attrs.get("steps")
+    if not isinstance(steps, int) or steps < 1:
+        problem("inversion", f"its attributes give no step count (steps {steps!r})")
+        return
+    S = steps
+    expect = {"inversion/latents": (S + 1,), "inversion/recon_latents": (S + 1,), "inversion/null_embeddings": (S,),
+              "inversion/stdg/guidance": (S,), "inversion/done": (S + 1,)}
+    for name, lead in expect.items():
+        shape = shapes.get(name)
+        if shape is None:
+            continue
+        if shape[:1] != lead or (frames and len(shape) > 1 and name != "inversion/done" and shape[1] != frames[0]):
+            problem(name, f"shape {list(shape)} does not fit {S} steps of {frames[0] if frames else '?'} frames")
+    done = None
+    if "inversion/done" in shapes and shapes["inversion/done"] == (S + 1,):
+        done = np.asarray(ws.read("inversion/done")).astype(bool)
+    if status == "done":
+        for name in [*expect, "inversion/reconstruction"]:
+            if not ws.has(name):
+                problem(name, "missing although the inversion is marked done")
+        if done is not None and not done.all():
+            problem("inversion/done", f"the inversion is marked done but only {int(done[:S].sum())} of {S} steps "
+                                      f"are flagged")
+    else:
+        flagged = int(done[:S].sum()) if done is not None else 0
+        notes.append(f"inversion: unfinished ({flagged}/{S} steps, status {status!r}); rerun `vd invert {ws.path}` "
+                     f"to resume")
+    if done is None:
+        return
+    # a flagged step must have its data: these arrays are never all zero, so a missing chunk is a lost one
+    for name, index in (("inversion/null_embeddings", lambda i: i), ("inversion/recon_latents", lambda i: S - 1 - i)):
+        if name not in shapes or not _slash_chunk_keys(ws, name):
+            continue
+        lost = [i for i in range(S) if done[i] and not (ws.path / name / "c" / str(index(i))).is_dir()]
+        if lost:
+            problem(name, f"chunks of flagged step(s) {lost[:8]} are missing")
+
+
+def _slash_chunk_keys(ws: Workspace, name: str) -> bool:
+    """Whether array `name` stores chunk (i, 0, ...) under c/i/... (zarr v3's default key encoding)."""
+    import json
+
+    try:
+        enc = json.loads((ws.path / name / "zarr.json").read_text()).get("chunk_key_encoding") or {}
+    except (OSError, ValueError):
+        return False
+    return enc.get("name") == "default" and (enc.get("configuration") or {}).get("separator", "/") == "/"
+
+
+def format_check(check: dict[str, Any]) -> list[str]:
+    """Human-readable lines for `vd info --check`."""
+    lines = [f"check      {'ok' if check['ok'] else 'DAMAGED'}: {check['arrays']} arrays decoded"
+             + (f", {len(check['problems'])} problem(s)" if check["problems"] else "")]
+    for item in check["problems"]:
+        lines.append(f"  damaged  {item['name']}: {item['problem']}; fix: {item['fix']}")
+    for note in check["notes"]:
+        lines.append(f"  note     {note}")
+    return lines

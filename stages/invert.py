@@ -43,9 +43,11 @@ from typing import Any
 
 import numpy as np
 
-from stages.config import build_config, changed_settings, config_dict, config_hash
+from stages import stagelock
+from stages.config import Layer, build_config, changed_settings, config_dict, config_hash
 from stages.errors import InputError, Interrupted, UsageError
 from stages.progress import Progress
+from stages.windows import MAX_WINDOW, Windows, blend, check_window, plan_windows, weight_tensor
 from stages.workspace import Workspace
 
 GROUP = "inversion"
@@ -59,7 +61,7 @@ STAT_COLUMNS = ("inner", "first_loss", "null_loss", "forwards", "gt_forwards", "
 # settings carried over from a stored inversion when a rerun does not give them (resume with `vd invert WS`)
 CARRIED = ("prompt", "subject", "negative_prompt", "model", "steps", "cfg", "null_steps", "stdg", "region",
            "use_stdg", "shared_null", "schedule", "seed", "per_frame_groupnorm", "store_components", "plain",
-           "dtype")
+           "dtype", "window", "overlap")
 
 
 @dataclass
@@ -83,6 +85,8 @@ class InvertConfig:
     store_components: bool = False
     plain: bool = False
     compare_ddim: bool = False
+    window: int = 16  # frames per UNet call; longer clips run in overlapping windows (stages/windows.py)
+    overlap: int = 4  # frames shared by neighbouring windows
     device: str = "auto"
     dtype: str = "auto"
     restart: bool = False
@@ -90,12 +94,12 @@ class InvertConfig:
 
     def coefficients(self) -> tuple[float, float, float, float]:
         """Effective STDG coefficients (all zero with use_stdg off)."""
-        from stages.guidance import parse_coefficients
-
         if not self.use_stdg:
             return (0.0, 0.0, 0.0, 0.0)
         if self.stdg is None:
             return DEFAULT_STDG[self.region]
+        from stages.guidance import parse_coefficients  # imports torch: only when needed (fast refusals)
+
         try:
             return parse_coefficients(self.stdg)
         except ValueError as exc:
@@ -159,14 +163,16 @@ def resolve_config(ws: Workspace, *layers: dict[str, Any] | None) -> InvertConfi
     """
     restart = any((layer or {}).get("restart") for layer in layers)
     stored = {} if restart else dict(ws.group_attrs(GROUP).get("config") or {})
-    base = {k: v for k, v in stored.items() if k in CARRIED}
+    base = Layer({k: v for k, v in stored.items() if k in CARRIED}, f"stored settings of {ws.path}/{GROUP}")
     return build_config(InvertConfig, base, *layers)
 
 
 def validate(cfg: InvertConfig) -> None:
     """Refuse settings that cannot work, with one-line messages."""
+    from stages.config import check_config
     from stages.ddim import SCHEDULES
 
+    check_config(cfg)  # types, finiteness, int64 (e.g. --seed): before anything is touched
     if not cfg.prompt or not cfg.prompt.strip():
         raise UsageError("--prompt is required: describe the source video (e.g. \"a brown bear walking on rocks\")")
     if cfg.subject is not None and cfg.subject.strip().lower() not in cfg.prompt.lower():
@@ -177,10 +183,13 @@ def validate(cfg: InvertConfig) -> None:
         raise UsageError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
     if not 2 <= int(cfg.steps) <= 1000:
         raise UsageError(f"--steps must be in 2..1000, got {cfg.steps}")
-    if int(cfg.null_steps) < 0:
-        raise UsageError(f"--null-steps must be >= 0, got {cfg.null_steps}")
+    if not 0 <= int(cfg.null_steps) <= 10000:
+        raise UsageError(f"--null-steps must be in 0..10000, got {cfg.null_steps}")
+    if not cfg.model.strip():
+        raise UsageError("--model must not be empty")
     if not math.isfinite(float(cfg.cfg)) or float(cfg.cfg) < 0:
         raise UsageError(f"--cfg must be a finite number >= 0, got {cfg.cfg}")
+    check_window(cfg.window, cfg.overlap)
     cfg.coefficients()
 
 
@@ -190,7 +199,8 @@ def _settings(cfg: InvertConfig) -> dict[str, Any]:
             "steps": int(cfg.steps), "cfg": float(cfg.cfg), "null_steps": int(cfg.null_steps),
             "stdg": list(cfg.coefficients()), "region": cfg.region, "shared_null": bool(cfg.shared_null),
             "schedule": cfg.schedule, "seed": int(cfg.seed), "per_frame_groupnorm": bool(cfg.per_frame_groupnorm),
-            "store_components": bool(cfg.store_components), "plain": bool(cfg.plain)}
+            "store_components": bool(cfg.store_components), "plain": bool(cfg.plain),
+            "window": int(cfg.window), "overlap": int(cfg.overlap)}
 
 
 def _refuse_changes(old: dict[str, Any], new: dict[str, Any], ws: Workspace) -> None:
@@ -261,8 +271,9 @@ _OFF = contextlib.nullcontext()
 class Passes:
     """UNet calls with counters: sample-forwards (batch entries), GT forwards, backward passes."""
 
-    def __init__(self, models: Any, timer: PhaseTimer | None = None):
+    def __init__(self, models: Any, timer: PhaseTimer | None = None, windows: Windows | None = None):
         self.models = models
+        self.windows = windows  # whole-clip calls run window by window and are blended
         self.forwards = 0
         self.gt_forwards = 0
         self.backwards = 0
@@ -273,6 +284,20 @@ class Passes:
         return self.timer(name) if self.timer is not None else _OFF
 
     def eps(self, z: Any, t: int, emb: Any, gt: bool = False) -> Any:
+        """Noise prediction for z (B, F, 4, h, w); a whole clip longer than one window is blended over windows.
+
+        emb: (B*F, 77, D) batch-major, frame-minor. Window-sized calls (F < the clip) run as they are.
+        """
+        windows = self.windows
+        if windows is None or windows.single or int(z.shape[1]) != windows.frames:
+            return self.eps_window(z, t, emb, gt)
+        b, f = int(z.shape[0]), int(z.shape[1])
+        rows = emb.reshape(b, f, *emb.shape[1:])
+        return blend(windows, lambda s, e: self.eps_window(z[:, s:e], t, rows[:, s:e].reshape(-1, *emb.shape[1:]),
+                                                           gt))
+
+    def eps_window(self, z: Any, t: int, emb: Any, gt: bool = False) -> Any:
+        """One UNet call on z as given (one window), counted."""
         from stages.models import unet_eps
 
         if gt:
@@ -391,6 +416,7 @@ def _summary_from_attrs(ws: Workspace) -> dict[str, Any]:
     return summary
 
 
+@stagelock.scoped
 def run_invert(ws: Workspace, cfg: InvertConfig, progress: Progress, models: Any | None = None,
                timer: PhaseTimer | None = None) -> dict[str, Any]:
     """Invert the workspace clip (resumable); returns a JSON-friendly summary (see module docstring).
@@ -399,7 +425,12 @@ def run_invert(ws: Workspace, cfg: InvertConfig, progress: Progress, models: Any
     """
     validate(cfg)
     t_begin = time.perf_counter()
+    # one writer: held (and a second writer refused at once) before anything is read for resuming,
+    # loaded or removed; released when run_invert returns or raises. `vd mask` waits for the shared hold.
+    stagelock.hold(ws.path, stagelock.WORKSPACE, "vd invert", f"workspace {ws.path}", shared=True)
     frames, mask = _require_inputs(ws, cfg)
+    clip_windows(len(frames), cfg, MAX_WINDOW)  # window settings refused before anything is touched
+    stagelock.hold(ws.path, GROUP, "vd invert", f"the inversion in {ws.path}")
     settings = _settings(cfg)
     settings.update(frames=_digest(frames), masks=_digest(mask) if any(cfg.coefficients()) else None)
     stored = ws.group_attrs(GROUP)
@@ -484,7 +515,8 @@ def _run(ws: Workspace, cfg: InvertConfig, progress: Progress, models: Any, cont
     S, F = schedule.steps, int(frames.shape[0])
     coef = cfg.coefficients()
     dev = models.device
-    passes = Passes(models, timer)
+    windows = clip_windows(F, cfg, models.max_frames)
+    passes = Passes(models, timer, windows)
     if timer is not None:
         timer.bind(dev)
 
@@ -494,7 +526,8 @@ def _run(ws: Workspace, cfg: InvertConfig, progress: Progress, models: Any, cont
                         region=cfg.region, stdg=list(coef), cfg=float(cfg.cfg), shared_null=bool(cfg.shared_null),
                         schedule=schedule.name, steps=S, timesteps=list(schedule.timesteps), prev=list(schedule.prev),
                         edit_timesteps=list(schedule.edit_timesteps), edit_prev=list(schedule.edit_prev),
-                        config=config_dict(cfg), settings=settings, config_hash=config_hash(settings))
+                        config=config_dict(cfg), settings=settings, config_hash=config_hash(settings),
+                        windows=windows.describe())
 
     c_src = encode_text(models, [cfg.prompt]).to(dev).expand(F, -1, -1)
     neg = encode_text(models, [cfg.negative_prompt]).to(dev)
@@ -551,8 +584,12 @@ def _run(ws: Workspace, cfg: InvertConfig, progress: Progress, models: Any, cont
     if any(coef) or cfg.store_components:
         if mask is None:
             raise InputError(f"workspace {ws.path} has no masks/edit; run `vd mask` first")
-        masks = RegionMasks(torch.from_numpy(mask.astype(bool)).to(dev), (shape[2], shape[3]))
-        stdg = STDG(passes, controller, masks, c_src, coef)
+        fg = torch.from_numpy(mask.astype(bool)).to(dev)
+        if windows.single:
+            stdg = STDG(passes, controller, RegionMasks(fg, (shape[2], shape[3])), c_src, coef)
+        else:  # temporal attention only exists inside a window: targets and losses per window
+            stdg = [STDG(passes, controller, RegionMasks(fg[s:e], (shape[2], shape[3])), c_src[s:e], coef)
+                    for s, e in windows.spans]
 
     # ---- 2. null-text optimisation with STDG, step by step, committed per step
     t0 = time.perf_counter()
@@ -580,6 +617,69 @@ def _run(ws: Workspace, cfg: InvertConfig, progress: Progress, models: Any, cont
     # ---- 3. report
     return _report(ws, cfg, progress, models, passes, schedule, latents, frames, mask, neg, c_src, arrays,
                    timings, t_begin, start)
+
+
+def clip_windows(frames: int, cfg: InvertConfig, max_frames: int) -> Windows:
+    """The clip's windows for this inversion (one window when it fits); refuses what cannot run."""
+    if int(cfg.window) > max_frames:
+        raise UsageError(f"--window {cfg.window} exceeds the motion module's maximum of {max_frames} frames")
+    windows = plan_windows(frames, int(cfg.window), int(cfg.overlap))
+    if cfg.plain and not windows.single:
+        raise UsageError(f"--plain (the reference-cost baseline) runs one window; {frames} frames need "
+                         f"--window >= {frames}")
+    return windows
+
+
+def _windowed_stdg(stdgs: list[STDG], windows: Windows, z_star: Any, z_t: Any, t: int, need: tuple[bool, bool],
+                   components: tuple[str, ...]) -> tuple[Any, Any, list[Any], dict[str, float], dict[str, Any]]:
+    """STDG window by window: (G, eps_c, per-window targets, mean losses, components), G, eps_c and the
+    components blended with the windows' weights (each window's loss is its own)."""
+    import torch
+
+    G, eps_c = torch.zeros_like(z_t), torch.zeros_like(z_t)
+    comps = {n: torch.zeros_like(z_t) for n in components}
+    targets, losses = [], {}
+    for k, (stdg, (s, e)) in enumerate(zip(stdgs, windows.spans)):
+        tg = stdg.targets(z_star[:, s:e], t, need)
+        g, ec, ls, cp = stdg.gradient(z_t[:, s:e], t, tg, components)
+        w = weight_tensor(windows, k, g)
+        G[:, s:e] += w * g
+        eps_c[:, s:e] += w * ec
+        for n in components:
+            comps[n][:, s:e] += w * cp[n]
+        targets.append(tg)
+        for n, v in ls.items():
+            losses[n] = losses.get(n, 0.0) + v / len(windows.spans)
+    return G, eps_c, targets, losses, comps
+
+
+def _null_text_backward_windowed(passes: Passes, z_t: Any, t: int, tp: int, phi: Any, eps_c: Any, G: Any,
+                                 target: Any, scale: float) -> Any:
+    """The null-text loss over all frames and its gradient in phi.grad, one window's graph at a time.
+
+    A no-grad pass gives the blended eps_u and dL/d(eps_u) per frame; each window is then re-run with grad and
+    back-propagated with its weight's share of that gradient (eps_u = sum_k w_k eps_k, so dL/d(eps_k) =
+    w_k dL/d(eps_u)). Returns the loss (before the update).
+    """
+    import torch
+    import torch.nn.functional as Fn
+
+    from stages import ddim
+
+    windows = passes.windows
+    F = int(z_t.shape[1])
+    with torch.no_grad():
+        eps_u = passes.eps(z_t, t, _expand(phi.detach(), F))
+    eps_u.requires_grad_(True)
+    with torch.enable_grad():
+        loss = Fn.mse_loss(ddim.ddim_step(z_t, ddim.cfg(eps_u, eps_c, scale), t, tp, guidance=G), target)
+        (d_eps,) = torch.autograd.grad(loss, eps_u)
+        phi.grad = None
+        for k, (s, e) in enumerate(windows.spans):
+            out = passes.eps_window(z_t[:, s:e], t, _expand(phi, F)[s:e])
+            out.backward(d_eps[:, s:e] * weight_tensor(windows, k, out))
+            passes.backwards += 1
+    return loss.detach()
 
 
 def _tensor(array: np.ndarray, device: Any) -> Any:
@@ -615,8 +715,12 @@ def _step(i: int, schedule: Any, latents: Any, z_t: Any, phi_prev: Any, cfg: Inv
     eps_c = None
     if active and not cfg.plain:
         need = (True, True) if cfg.store_components else needs_terms(coef)
-        targets = stdg.targets(z_star, t, need)
-        G, eps_c, losses, comps = stdg.gradient(z_t, t, targets, COMPONENTS if cfg.store_components else ())
+        wanted = COMPONENTS if cfg.store_components else ()
+        if isinstance(stdg, list):
+            G, eps_c, targets, losses, comps = _windowed_stdg(stdg, passes.windows, z_star, z_t, t, need, wanted)
+        else:
+            targets = stdg.targets(z_star, t, need)
+            G, eps_c, losses, comps = stdg.gradient(z_t, t, targets, wanted)
         record.update(targets=targets, losses=losses, components=comps or None)
     elif active:  # plain: the reference's four independent components, each with its own GT forward
         comps = {}
@@ -637,15 +741,20 @@ def _step(i: int, schedule: Any, latents: Any, z_t: Any, phi_prev: Any, cfg: Inv
     opt = torch.optim.Adam([phi], lr=BASE_LR * (1.0 - i / (2.0 * S)))
     threshold = EARLY_STOP + i * EARLY_STOP_SLOPE
     inner, first, last = 0, float("nan"), float("nan")
+    windowed = passes.windows is not None and not passes.windows.single
     for _ in range(int(cfg.null_steps)):
-        with passes.phase("inner_forward"):
-            eps_u = passes.eps(z_t, t, _expand(phi, F))
-            z_rec = ddim.ddim_step(z_t, ddim.cfg(eps_u, eps_c, cfg.cfg), t, tp, guidance=G)
-            loss = Fn.mse_loss(z_rec, target)
-        with passes.phase("inner_backward"):
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        passes.backwards += 1
+        if windowed:
+            with passes.phase("inner_windows"):
+                loss = _null_text_backward_windowed(passes, z_t, t, tp, phi, eps_c, G, target, cfg.cfg)
+        else:
+            with passes.phase("inner_forward"):
+                eps_u = passes.eps(z_t, t, _expand(phi, F))
+                z_rec = ddim.ddim_step(z_t, ddim.cfg(eps_u, eps_c, cfg.cfg), t, tp, guidance=G)
+                loss = Fn.mse_loss(z_rec, target)
+            with passes.phase("inner_backward"):
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            passes.backwards += 1
         with passes.phase("adam_step"):
             opt.step()
             last = float(loss.detach())  # the early-stop rule needs the value every iteration
@@ -699,15 +808,18 @@ def _commit(ws: Workspace, arrays: dict[str, Any], i: int, S: int, z_next: Any, 
     from stages.guidance import COMPONENTS
 
     targets = record.get("targets")
-    if targets is not None:
+    # one window: inversion/targets/...; several: inversion/targets/w<k>/... (maps exist per window)
+    per_window = targets if isinstance(targets, list) else [targets] if targets is not None else []
+    for k, targets in enumerate(per_window):
+        root = f"{GROUP}/targets/w{k}" if isinstance(record.get("targets"), list) else f"{GROUP}/targets"
         for name, (value, index) in targets.temporal.items():
-            base = f"{GROUP}/targets/temporal/{name}"
+            base = f"{root}/temporal/{name}"
             _step_array(ws, arrays, f"{base}/value", S, value.shape, "float16")[i] = \
                 value.cpu().numpy().astype(np.float16)
             _step_array(ws, arrays, f"{base}/index", S, index.shape, "uint8")[i] = \
                 index.cpu().numpy().astype(np.uint8)
         for name, keys in targets.keys.items():
-            _step_array(ws, arrays, f"{GROUP}/targets/keys/{name}", S, keys.shape, "float32")[i] = \
+            _step_array(ws, arrays, f"{root}/keys/{name}", S, keys.shape, "float32")[i] = \
                 keys.cpu().numpy().astype(np.float32)
     arrays["guidance"][i] = record["G"][0].float().cpu().numpy()
     if "components" in arrays and record.get("components") is not None:

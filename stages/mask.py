@@ -16,20 +16,21 @@ from typing import Any
 
 import numpy as np
 
-from stages import video as vid
+from stages import stagelock, video as vid
 from stages.ellipse import edit_masks
 from stages.errors import InputError, UsageError
 from stages.progress import Progress
-from stages.workspace import Workspace
+from stages.workspace import LOCK_DIR, Workspace
 
 LATER_STAGES = ("inversion", "edits", "eval")
+ALL_FRAMES = 0  # --frames all
 
 
 @dataclass
 class MaskConfig:
     """Options of `vd mask` (see notes/readme-mask.md)."""
 
-    frames: int = 16
+    frames: int = 16  # 0: all (--frames all)
     size: str = "512"
     start: int = 0
     stride: int | None = None
@@ -175,8 +176,8 @@ def _precheck_target(target: Path, sha256: str, force: bool) -> None:
     """Refuse early (before decoding or tracking) a target that is not ours to overwrite."""
     if target.exists() and not target.is_dir():
         raise InputError(f"{target} exists and is not a directory; choose another -o")
-    if not target.is_dir() or not any(target.iterdir()):
-        return
+    if not target.is_dir() or not any(p.name != LOCK_DIR for p in target.iterdir()):
+        return  # absent, empty, or only the lock folder a killed `vd mask` left
     if not (target / "zarr.json").is_file():
         raise InputError(f"{target} exists and is not a vd workspace; choose another -o")
     old = Workspace.open(target).attrs.get("source", {})
@@ -185,11 +186,39 @@ def _precheck_target(target: Path, sha256: str, force: bool) -> None:
                          f"pass --force to replace it")
 
 
+def _lock_workspace(target: Path) -> None:
+    """`vd mask` rewrites frames and masks (and may remove later stages): the whole workspace, exclusively."""
+    stagelock.hold(target, stagelock.WORKSPACE, "vd mask", f"workspace {target}")
+
+
 def _digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
 
 
+def parse_frames(text: str | int) -> int:
+    """--frames N, or 'all' (0: every frame the selection reaches)."""
+    if isinstance(text, int):
+        return text
+    if str(text).strip().lower() == "all":
+        return ALL_FRAMES
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise UsageError(f"--frames must be a number or 'all', got {text!r}") from None
+
+
 def _check_options(cfg: MaskConfig) -> None:
+    from stages.config import check_config
+
+    check_config(cfg)  # types, finite numbers (--fps nan), int64
+    if not 0 <= cfg.frames <= 100000:
+        raise UsageError(f"--frames must be in 1..100000 or 'all' (got {cfg.frames})")
+    if cfg.start < 0:
+        raise UsageError(f"--start must be >= 0 (got {cfg.start})")
+    if cfg.stride is not None and not 1 <= cfg.stride <= 100000:
+        raise UsageError(f"--stride must be in 1..100000 (got {cfg.stride})")
+    if cfg.fps is not None and not 0 < cfg.fps <= 1000:
+        raise UsageError(f"--fps must be a number in (0, 1000] (got {cfg.fps})")
     imported = [name for name, value in (("--mask-dir", cfg.mask_dir), ("--mask-video", cfg.mask_video)) if value]
     if len(imported) > 1:
         raise UsageError("use either --mask-dir or --mask-video, not both")
@@ -203,11 +232,12 @@ def _check_options(cfg: MaskConfig) -> None:
         raise UsageError("no mask source: give --point/--box (SAM2), --mask-dir DIR or --mask-video FILE")
     if cfg.prompt_frame < 0:
         raise UsageError(f"--prompt-frame must be >= 0 (got {cfg.prompt_frame})")
-    if cfg.prompt_frame >= cfg.frames:
+    if cfg.frames != ALL_FRAMES and cfg.prompt_frame >= cfg.frames:
         raise UsageError(f"--prompt-frame {cfg.prompt_frame} is outside the {cfg.frames} frames")
 
 
 # ----------------------------------------------------------------------------------- stage
+@stagelock.scoped
 def run_mask(clip: str | Path, output: str | Path | None, config: MaskConfig,
              progress: Progress | None = None) -> dict[str, Any]:
     """Create (or refresh) the workspace for `clip`; return a summary (see `vd mask --json`)."""
@@ -224,6 +254,9 @@ def run_mask(clip: str | Path, output: str | Path | None, config: MaskConfig,
     target = Path(output) if output else default_workspace(clip)
     sha256 = vid.source_sha256(clip)
     _precheck_target(target, sha256, config.force)
+    existing = (target / "zarr.json").is_file()
+    if existing:  # refuse a concurrent writer before the slow decoding and tracking
+        _lock_workspace(target)
 
     method = "mask-dir" if config.mask_dir else "mask-video" if config.mask_video else \
         "box" if config.box_only else "sam2"
@@ -236,6 +269,8 @@ def run_mask(clip: str | Path, output: str | Path | None, config: MaskConfig,
                            config.sample, config.resize, sha256=sha256)
     frames = loaded.frames
     count, height, width = frames.shape[:3]
+    if config.prompt_frame >= count:
+        raise UsageError(f"--prompt-frame {config.prompt_frame} is outside the clip's {count} kept frames")
     _check_prompts_inside(points, box, height, width)
 
     mask_info: dict[str, Any] = {"method": method}
@@ -266,6 +301,8 @@ def run_mask(clip: str | Path, output: str | Path | None, config: MaskConfig,
         progress.log(f"warning: empty mask on frame(s) {empty}")
     edit = edit_masks(raw, config.ellipse)
 
+    if not existing:
+        _lock_workspace(target)
     ws, reused = _open_target(target, loaded.source, frames, config.force, progress)
     ws.write_array("video/frames", frames)
     old_masks = ws.group_attrs("masks").get("edit_sha256")

@@ -40,7 +40,7 @@ MODEL_SUBFOLDERS = ("unet", "vae", "text_encoder")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 SD15_GET = (f"hf download {SD15_REPO} --include 'unet/*' --include 'vae/*' --include 'text_encoder/*' "
-            "--include 'tokenizer/*' --exclude '*.bin' --exclude '*fp16*' --exclude '*non_ema*' (about 2 GB), "
+            "--include 'tokenizer/*' --exclude '*.bin' --exclude '*fp16*' --exclude '*non_ema*' (about 4.3 GB), "
             "or set VD_SD15 to an SD1.5 diffusers folder or single-file .safetensors")
 ADAPTER_GET = (f"hf download {ADAPTER_REPO}, or set VD_MOTION_ADAPTER to a MotionAdapter folder or to "
                f"v3_sd15_mm.ckpt ({V3_CKPT_URL})")
@@ -264,12 +264,24 @@ def _build_random(spec: str, seed: int) -> tuple[Any, Any, Any, Any, str]:
 # ----------------------------------------------------------------------------------------- real specs
 
 def _hub_snapshot(repo_id: str) -> Path | None:
-    """The cached snapshot folder of a Hub repo, or None when it is not in the local cache."""
-    try:
-        from huggingface_hub import snapshot_download
+    """The cached snapshot folder of a Hub repo, or None when it is not in the local cache.
 
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # LocalEntryNotFoundError, offline errors, partial caches
+    Read from the cache layout directly (refs/main, else the newest snapshot): vd needs only some of a
+    repo's files, and snapshot_download(local_files_only=True) refuses such a partial snapshot once the
+    cache has stored the repo's full file list.
+    """
+    try:
+        from huggingface_hub import constants
+
+        repo_dir = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+        ref = repo_dir / "refs" / "main"
+        if ref.is_file():
+            snap = repo_dir / "snapshots" / ref.read_text().strip()
+            if snap.is_dir():
+                return snap
+        snaps = sorted((p for p in (repo_dir / "snapshots").glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        return snaps[-1] if snaps else None
+    except Exception:  # a malformed cache folder must not break the lookup
         return None
 
 

@@ -187,14 +187,32 @@ class Selection:
     fps_out: float
 
 
+def _all_frames(source_fps: float, total: int | None, start: int, stride: int | None, fps: float | None,
+                sample: str) -> int:
+    """How many frames `--frames all` keeps: every stride-th (or fps-spaced) frame from start to the end."""
+    if total is None:
+        raise InputError("the clip's frame count is unknown, so --frames all cannot be used; give a number")
+    if sample == "uniform" or total <= start:
+        return max(total - start, 0)
+    if fps:
+        step, count = source_fps / fps, 0
+        while start + int(math.floor(count * step + 0.5)) < total:
+            count += 1
+        return count
+    return (total - 1 - start) // max(int(stride or 1), 1) + 1
+
+
 def select_indices(frames: int, source_fps: float, total: int | None = None, start: int = 0,
                    stride: int | None = None, fps: float | None = None, sample: str = "stride") -> Selection:
     """Pick `frames` source indices.
 
     sample "stride": start, start+stride, ... (stride 1 by default) or, with `fps`, every
     source_fps/fps frames; sample "uniform" (the reference): stride floor((total-start)/frames).
-    `total` is needed for "uniform" and used to check that the clip is long enough.
+    `total` is needed for "uniform" and used to check that the clip is long enough. frames 0 means every
+    frame the selection reaches (`--frames all`; needs `total`).
     """
+    if frames == 0:
+        frames = _all_frames(source_fps, total, start, stride, fps, sample)
     if frames < 1:
         raise UsageError(f"--frames must be at least 1 (got {frames})")
     if start < 0:
@@ -314,9 +332,10 @@ def load_clip(path: str | Path, frames: int = 16, size: str | tuple[int, int] = 
         raise UsageError(f"--resize must be one of {', '.join(RESIZE_MODES)} (got {resize!r})")
     info = probe(path)
     total = info.frames
-    if sample == "uniform" and total is None:
-        total = count_frames(path)
+    if (sample == "uniform" and total is None) or frames == 0:
+        total = count_frames(path)  # --frames all: the exact count, not the container's estimate
     selection = select_indices(frames, info.fps, total, start, stride, fps, sample)
+    frames = len(selection.indices)
     try:
         raw, seen = read_frames(path, selection.indices)
     except InputError:

@@ -25,6 +25,7 @@ from stages import __version__
 from stages.errors import InputError
 
 SCHEMA = "vd-workspace/1"
+LOCK_DIR = ".locks"  # stages.stagelock's lock files (not part of the zarr hierarchy)
 _NAME_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
@@ -54,7 +55,7 @@ class Workspace:
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise InputError(f"{path} exists and is not a directory")
-        if path.is_dir() and any(path.iterdir()):
+        if path.is_dir() and any(p.name != LOCK_DIR for p in path.iterdir()):
             if not (path / "zarr.json").is_file():
                 raise InputError(f"{path} exists and is not a vd workspace; choose another -o")
             ws = cls.open(path)
@@ -67,13 +68,15 @@ class Workspace:
                     f"workspace {path} was created from another clip or frame selection "
                     f"({old.get('path', '?')}); pass --force to replace it"
                 )
-            if not same:
-                shutil.rmtree(path)
+            if not same:  # wipe it, but keep .locks/: a running `vd mask` holds its lock there
+                for child in path.iterdir():
+                    if child.name != LOCK_DIR:
+                        shutil.rmtree(child) if child.is_dir() else child.unlink()
             else:
                 ws.update_attrs(source=source)
                 return ws
         path.mkdir(parents=True, exist_ok=True)
-        group = zarr.open_group(str(path), mode="w")
+        group = zarr.open_group(str(path), mode="a")  # "w" would also delete .locks/
         group.attrs.update(
             {"schema": SCHEMA, "vd_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
              "source": source}
@@ -134,11 +137,39 @@ class Workspace:
         """Open array `name` for reading and chunk-wise writing."""
         if not self.has(name):
             raise InputError(f"workspace {self.path} has no {name!r}")
-        return zarr.open_array(str(self.path / check_name(name)), mode="r+")
+        try:
+            return zarr.open_array(str(self.path / check_name(name)), mode="r+")
+        except Exception as exc:  # damaged metadata
+            raise self.damaged(name, exc) from None
 
     def read(self, name: str) -> np.ndarray:
-        """Read a whole array into memory."""
-        return self.array(name)[...]
+        """Read a whole array into memory; a damaged array raises InputError naming it and the fix."""
+        arr = self.array(name)
+        try:
+            return arr[...]
+        except Exception as exc:  # a chunk that does not decode (truncated, zstd error, wrong size)
+            raise self.damaged(name, exc) from None
+
+    def verify(self, name: str) -> tuple[int, ...]:
+        """Decode every stored chunk of array `name` (block by block along axis 0); its shape, or
+        InputError naming the array, the workspace and the fix. Used before a stage writes anything."""
+        arr = self.array(name)
+        step = max(int(arr.chunks[0]), 1) if arr.ndim else 1
+        try:
+            if arr.ndim == 0:
+                arr[...]
+            for start in range(0, int(arr.shape[0]) if arr.ndim else 0, step):
+                arr[start:start + step]
+        except Exception as exc:
+            raise self.damaged(name, exc) from None
+        return tuple(int(n) for n in arr.shape)
+
+    def damaged(self, name: str, exc: BaseException | str) -> InputError:
+        """The one-line error for a damaged array `name`: what, where, and what to do."""
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        err = InputError(f"{name} in workspace {self.path} is damaged ({text[:160]}); {remedy(name, self.path)}")
+        err.detail = text[:160]  # type: ignore[attr-defined]  (for `vd info --check`'s list)
+        return err
 
     def write_array(self, name: str, data: np.ndarray, chunks: tuple[int, ...] | None = None,
                     attrs: dict[str, Any] | None = None) -> zarr.Array:
@@ -218,6 +249,21 @@ class Workspace:
         os.replace(built, target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def remedy(name: str, path: str | Path = "WS") -> str:
+    """What to run to rebuild a damaged array `name` of workspace `path`."""
+    top = name.split("/")[0]
+    if top in ("video", "masks"):
+        return f"re-run `vd mask` for this clip with -o {path} (later stages then need --restart/--force)"
+    if top == "inversion":
+        return f"run `vd invert {path} --restart` to redo the inversion"
+    if top == "edits":
+        edit = name.split("/")[1] if "/" in name else "NAME"
+        return f"redo the edit with `vd edit {path} --name {edit} --force ...`"
+    if top == "eval":
+        return f"re-run `vd eval {path}`"
+    return f"rebuild it with the stage that wrote it, or start over with `vd mask ... -o {path} --force`"
 
 
 @contextlib.contextmanager

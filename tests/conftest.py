@@ -57,6 +57,22 @@ def loads(tiny, monkeypatch):
 
 
 @pytest.fixture
+def interrupt_invert(monkeypatch):
+    """Make the next `vd invert` in this process stop with Ctrl-C right after committing its first step."""
+    import stages.invert
+
+    calls: list[int] = []
+
+    def interrupt_after_first_step():
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages.invert, "_test_delay", interrupt_after_first_step)
+    return calls
+
+
+@pytest.fixture
 def workspace(tmp_path: Path) -> Workspace:
     """A 4-frame 64x64 workspace with ground-truth masks."""
     return make_workspace(tmp_path / "ws")

@@ -74,18 +74,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path, loads):
     assert loads == []
 
 
-def test_ctrl_c_exits_130_and_the_rerun_resumes(tmp_path, loads, monkeypatch):
-    import stages.invert
-
+def test_ctrl_c_exits_130_and_the_rerun_resumes(tmp_path, loads, interrupt_invert):
     ws = make_workspace(tmp_path / "ws")
-    calls = []
-
-    def interrupt_after_first_step():
-        calls.append(1)
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(stages.invert, "_test_delay", interrupt_after_first_step)
     one_line_error(vd(ws.path, "--prompt", PROMPT, *FAST, "-q"), 130, "rerun the same command to resume")
     assert ws.read("inversion/done").tolist() == [True, False, False, False]
     r = vd(ws.path, "--prompt", PROMPT, *FAST, "--json", "-q")

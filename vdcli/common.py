@@ -9,11 +9,44 @@ import traceback
 from typing import Annotated, Any, Callable
 
 import typer
+from typer.core import TyperGroup
+from typer.core import _click as click  # the click Typer runs on (its own vendored copy in typer >= 0.24)
 
 from stages.errors import Interrupted, VdError
 from stages.progress import Progress
 
+class OneLineErrors(TyperGroup):
+    """The `vd` group: usage errors (unknown option, missing argument, `--steps five`) print one line
+    `vd: error: ...` on stderr (exit 2) instead of Typer's boxed usage text; --help is unchanged."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `vd`: the help was printed
+            sys.exit(exc.exit_code)
+        except click.exceptions.ClickException as exc:
+            print(f"vd: error: {usage_message(exc)}", file=sys.stderr, flush=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            print("vd: error: aborted", file=sys.stderr, flush=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)  # a typer.Exit(code) comes back as its code
+
+
+def usage_message(exc: click.exceptions.ClickException) -> str:
+    """A click error as one line, with where to find help."""
+    text = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.exceptions.UsageError) and ctx is not None:
+        text += f" (see `{ctx.command_path} --help`)"
+    return text
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode="rich",

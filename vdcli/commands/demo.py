@@ -50,7 +50,13 @@ def demo(
 
     def work(progress: Any) -> dict[str, Any]:
         from stages.demo import DemoConfig, run_demo
+        from stages.errors import UsageError
 
+        limits = {"frames": (frames, 1, 256), "size": (size, 64, 2048), "steps": (steps, 2, 1000),
+                  "null-steps": (null_steps, 1, 10000)}
+        for flag, (value, low, high) in limits.items():
+            if value is not None and not low <= value <= high:
+                raise UsageError(f"--{flag} must be in {low}..{high}, got {value}")
         return run_demo(folder, DemoConfig(model=model, frames=frames, size=size, steps=steps,
                                            null_steps=null_steps, device=device), progress)
 

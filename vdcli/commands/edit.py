@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -25,6 +26,8 @@ def parse_reweight(items: list[str] | None) -> dict[str, float]:
             weight = None
         if not sep or not word.strip() or weight is None:
             raise UsageError(f"--reweight {item!r}: expected WORD=NUMBER, e.g. tiger=2")
+        if not math.isfinite(weight):
+            raise UsageError(f"--reweight {item!r}: the weight must be a finite number")
         out[word.strip()] = weight
     return out
 
@@ -99,8 +102,7 @@ def edit_command(
     """
 
     def work(progress: Any) -> dict[str, Any]:
-        from stages.config import build_config, preset_section
-        from stages.edit import EditConfig, run_edits
+        from stages.config import build_config, options, preset_section
         from stages.errors import UsageError
         from stages.workspace import Workspace
 
@@ -119,7 +121,9 @@ def edit_command(
             "output": str(output) if output else None, "force": force or None, "device": device, "dtype": dtype,
         }
         section = preset_section(preset, "edit")
-        cfgs = [build_config(EditConfig, section, flags, {"prompt": p}) for p in prompts]
+        from stages.edit import EditConfig, run_edits  # torch: after the cheap checks
+
+        cfgs = [build_config(EditConfig, section, options(flags), options({"prompt": p})) for p in prompts]
         results = run_edits(ws, cfgs, progress)
         if len(results) == 1:
             return results[0]

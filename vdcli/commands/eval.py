@@ -84,7 +84,13 @@ def eval_command(
                             pickscore=pickscore, amt=amt, device=device, plot=plot)
         if compare:
             return compare_all(workspaces, config, progress, force=force)
-        return run_eval(workspaces[0], config, progress)
+        from stages import stagelock
+        from stages.workspace import Workspace
+
+        ws = Workspace.open(workspaces[0])
+        with stagelock.scope():  # frames and masks must not change (vd mask) while they are scored
+            stagelock.hold(ws.path, stagelock.WORKSPACE, "vd eval", f"workspace {ws.path}", shared=True)
+            return run_eval(ws, config, progress)
 
     run(work, json_out, quiet, _print_compare if compare else _print_eval)
 

@@ -76,6 +76,12 @@ def invert_command(
     compare_ddim: Annotated[bool, typer.Option(
         "--compare-ddim", rich_help_panel=_RUN,
         help="Also report plain DDIM (CFG, negative prompt) reconstruction PSNR (S extra batch-2 forwards).")] = False,
+    window: Annotated[Optional[int], typer.Option(
+        "--window", rich_help_panel=_METHOD,
+        help="Frames per UNet call (at most 32); longer clips run in overlapping windows. \\[default: 16]")] = None,
+    overlap: Annotated[Optional[int], typer.Option(
+        "--overlap", rich_help_panel=_METHOD,
+        help="Frames shared by neighbouring windows (less than --window). \\[default: 4]")] = None,
     restart: Annotated[bool, typer.Option(
         "--restart", rich_help_panel=_RUN,
         help="Discard a stored (finished or partial) inversion and start over.")] = False,
@@ -95,13 +101,14 @@ def invert_command(
 
     def work(progress: Any) -> dict[str, Any]:
         from stages.errors import UsageError
-        from stages.guidance import parse_coefficients
         from stages.invert import resolve_config, run_invert
-        from stages.config import preset_section
+        from stages.config import options, preset_section
         from stages.workspace import Workspace
 
         coefficients = None
         if stdg is not None:
+            from stages.guidance import parse_coefficients  # torch: imported only when needed
+
             try:
                 coefficients = list(parse_coefficients(stdg))
             except ValueError as exc:
@@ -118,10 +125,10 @@ def invert_command(
             "shared_null": shared_null or None, "schedule": schedule, "seed": seed,
             "per_frame_groupnorm": per_frame_groupnorm, "store_components": store_components or None,
             "plain": plain or None, "compare_ddim": compare_ddim or None, "device": device, "dtype": dtype,
-            "restart": restart or None, "preset": preset,
+            "restart": restart or None, "preset": preset, "window": window, "overlap": overlap,
         }
         section = preset_section(preset, "invert")
-        cfg = resolve_config(ws, section, flags)
+        cfg = resolve_config(ws, section, options(flags))
         if region is not None and coefficients is None and "stdg" not in section:
             cfg.stdg = None  # --region alone picks that region's default coefficients
         return run_invert(ws, cfg, progress)

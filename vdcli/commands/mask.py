@@ -17,7 +17,8 @@ def mask(
                                         show_default=False)],
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Workspace directory (default: ./STEM.vd, STEM = the clip's name without extension).",
                                                   rich_help_panel=_OUT)] = None,
-    frames: Annotated[int, typer.Option(help="Number of frames to keep.", rich_help_panel=_FR)] = 16,
+    frames: Annotated[str, typer.Option(help="Number of frames to keep, or 'all' (longer than --window "
+                                        "frames: vd invert runs overlapping windows).", rich_help_panel=_FR)] = "16",
     size: Annotated[str, typer.Option(help="Output size N or WIDTHxHEIGHT, multiples of 64.",
                                       rich_help_panel=_FR)] = "512",
     start: Annotated[int, typer.Option(help="First source frame.", rich_help_panel=_FR)] = 0,
@@ -58,12 +59,13 @@ def mask(
     """
 
     def work(progress):  # type: ignore[no-untyped-def]
-        from stages.mask import MaskConfig, run_mask
+        from stages.config import build_config, options
+        from stages.mask import MaskConfig, parse_frames, run_mask
 
-        config = MaskConfig(frames=frames, size=size, start=start, stride=stride, fps=fps, sample=sample,
-                            resize=resize, points=list(point or []), box=box, prompt_frame=prompt_frame,
-                            sam2=sam2, device=device, mask_dir=mask_dir, mask_video=mask_video,
-                            box_only=box_only, ellipse=not no_ellipse, force=force)
+        config = build_config(MaskConfig, options(dict(
+            frames=parse_frames(frames), size=size, start=start, stride=stride, fps=fps, sample=sample, resize=resize,
+            points=list(point or []), box=box, prompt_frame=prompt_frame, sam2=sam2, device=device,
+            mask_dir=mask_dir, mask_video=mask_video, box_only=box_only, ellipse=not no_ellipse, force=force)))
         return run_mask(clip, output, config, progress)
 
     def human(result: dict) -> None:  # type: ignore[type-arg]

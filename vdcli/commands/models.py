@@ -1,11 +1,19 @@
-"""`vd models`: which model weights are present locally, and how to get the missing ones."""
+"""`vd models`: which model weights are present locally, how to get the missing ones, and `--get` to
+download them."""
 
 from __future__ import annotations
 
+import json
 import sys
-from typing import Any
+from typing import Annotated, Any, Optional
+
+import typer
 
 from vdcli.common import JsonOpt, QuietOpt, app, run
+
+# `vd models` component name -> the `vd models --get` name that fetches it
+GET_NAMES = {"sd15": "sd15", "motion_adapter": "motion-adapter", "sam2-tiny": "sam2-tiny", "sam2-small": "sam2-small",
+             "sam2-base_plus": "sam2-base_plus", "sam2-large": "sam2-large"}
 
 
 def _human(result: dict[str, Any]) -> None:
@@ -28,14 +36,67 @@ def _human(result: dict[str, Any]) -> None:
             print(f"  {comp['name']}: {comp['get']}")
 
 
+def _human_get(result: dict[str, Any]) -> None:
+    from stages.fetch import human_size
+
+    for item in result["files"]:
+        if item["status"] == "skipped":
+            note = "not in the repo; optional"
+        else:
+            note = human_size(item["size"]) if item["size"] is not None else "size unknown"
+            note += f", {item['verified']} verified" if item.get("verified") else ""
+        print(f"{item['status']:<10} {item['file']} ({note})")
+    print(f"{result['downloaded']} downloaded ({human_size(result['bytes'])}), {result['cached']} already present, "
+          f"{result['skipped']} not in their repo (optional); `vd models` lists them")
+
+
+def _status() -> dict[str, Any]:
+    from stages.fetch import eval_status
+    from stages.models import models_status
+
+    result = models_status()
+    for comp in result["components"]:
+        name = GET_NAMES.get(comp["name"])
+        if name:
+            comp["fetch"] = f"vd models --get {name}"
+            if not comp["present"]:
+                comp["get"] = f"vd models --get {name}; or {comp['get']}"
+    result["components"] += eval_status()
+    return result
+
+
 @app.command("models")
-def models_command(json_out: JsonOpt = False, quiet: QuietOpt = False) -> None:
-    """List which weights are present locally (Hugging Face cache, VD_SD15, VD_MOTION_ADAPTER, SAM2) and how
-    to get the missing ones. Nothing is downloaded."""
+def models_command(
+    names: Annotated[Optional[list[str]], typer.Argument(
+        metavar="NAME", show_default=False,
+        help="With --get: all, sd15, motion-adapter, sam2 (= sam2-large), sam2-tiny, sam2-small, sam2-base_plus, "
+             "sam2-large, clip, pickscore, lpips (commas work too).")] = None,
+    get: Annotated[bool, typer.Option(
+        "--get", help="Download the named weights (only the files vd uses) into the Hugging Face cache or "
+                      "~/.cache/vd; resumable, verified.")] = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """List which weights are present locally (Hugging Face cache, VD_SD15, VD_MOTION_ADAPTER, SAM2, evaluation
+    models) and how to get the missing ones. With --get NAME..., download them."""
+    if names and not get:
+        from vdcli.common import fail
+
+        fail(f"names ({' '.join(names)}) need --get: vd models --get {' '.join(names)}", 2)
+    if not get:
+        run(lambda progress: _status(), json_out, quiet, _human)
+        return
 
     def work(progress: Any) -> dict[str, Any]:
-        from stages.models import models_status
+        from stages.fetch import DownloadFailed, get as fetch
 
-        return models_status()
+        try:
+            return fetch(names or [], progress)
+        except DownloadFailed as exc:
+            if json_out:  # per-file results on stdout even when some failed; the one-line error follows
+                from stages.workspace import json_safe
 
-    run(work, json_out, quiet, _human)
+                print(json.dumps(json_safe(exc.result), indent=2, default=str), flush=True)
+            raise
+
+    run(work, json_out, quiet, _human_get)
