@@ -3,6 +3,7 @@
     python bench/bench.py --size tiny                       # tiny model, CPU, about two minutes
     python bench/bench.py --size tiny --profile             # plus where a null-text step spends its time
     python bench/bench.py --size full --device cuda --dtype bf16   # SD1.5 + AnimateDiff v3 shapes, random weights
+    python bench/bench.py --batch                           # `vd batch` clips/hour, 1 and 2 workers, model loads
 
 Each stage runs in its own worker process. The model is loaded before the clock starts (its load time
 is reported separately) and the peak-memory window opens after the load: peak RSS on CPU (Linux VmHWM),
@@ -253,6 +254,81 @@ def format_report(meta: dict[str, Any], rows: list[dict], profiles: dict[str, di
     return "\n".join(lines) + "\n"
 
 
+# `--batch`: `vd batch` throughput on generated clips (tiny model), 1 and 2 workers
+BATCH = dict(clips=4, frames=4, px=64, steps=4, null_steps=2)
+
+
+def batch_manifest(folder: Path, clips: int, args: argparse.Namespace) -> Path:
+    """Write `clips` generated clips and a manifest running mask -> invert -> edit -> eval on each."""
+    sys.path.insert(0, str(ROOT))
+    from stages.synthetic import moving_disc
+    from stages.video import write_mp4
+
+    lines = ["defaults:", f"  model: {args.model}", f"  frames: {args.frames}", f"  size: {args.px}",
+             f"  invert: {{steps: {args.steps}, null_steps: {args.null_steps}}}",
+             f"  box: [{args.px // 4}, {args.px // 4}, {3 * args.px // 4}, {3 * args.px // 4}]", "  box_only: true",
+             f"  prompt: \"{PROMPT}\"", "  subject: red ball", "  edits: [\"blue cube\"]",
+             "  eval: {metrics: [psnr, ssim, warp]}", "clips:"]
+    for k in range(clips):
+        video, _ = moving_disc(args.frames, args.px, args.px, seed=k)
+        write_mp4(folder / f"clip{k}.mp4", video, fps=8.0)
+        lines.append(f"  - clip: clip{k}.mp4")
+    path = folder / "batch.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_batch_bench(args: argparse.Namespace, workers: int, manifest: Path, out: Path) -> dict:
+    """One `vd batch` run in its own process; the row for the report."""
+    cmd = [sys.executable, "-m", "vdcli.app", "batch", str(manifest), "--out", str(out), "--workers", str(workers),
+           "--engine", args.engine, "-q", "--json"]
+    if args.threads:
+        cmd += ["--threads-per-worker", str(args.threads)]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"vd batch failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    rep = json.loads(done.stdout)
+    per_worker = rep["model_loads"]["per_worker"]
+    return {"engine": args.engine, "workers": workers, "threads": per_worker[0]["threads"] if per_worker else None,
+            "clips": rep["counts"]["done"], "batch_s": rep["seconds"], "process_s": wall,
+            "clips_per_hour": rep["clips_per_hour"], "loads": rep["model_loads"]["total"],
+            "loads_per_worker": [w["model_loads"] for w in per_worker]}
+
+
+def format_batch(meta: dict[str, Any], rows: list[dict]) -> str:
+    """The Markdown block of a `--batch` run."""
+    lines = [f"### {meta['when']} | {meta['device']} | commit {meta['commit']} | vd batch: {meta['settings']}", "",
+             "| engine | workers | threads/worker | clips | batch s | process s | clips/hour | model loads (per worker) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['engine']} | {r['workers']} | {r['threads']} | {r['clips']} | {r['batch_s']:.1f} "
+                     f"| {r['process_s']:.1f} | {r['clips_per_hour']:.0f} | {r['loads']} "
+                     f"({', '.join(map(str, r['loads_per_worker']))}) |")
+    return "\n".join(lines) + "\n"
+
+
+def batch_main(args: argparse.Namespace) -> None:
+    """`--batch`: clips/hour of `vd batch` with 1 and 2 workers, and the model loads counted."""
+    for key in ("frames", "px", "steps", "null_steps"):
+        if getattr(args, key) is None:
+            setattr(args, key, BATCH[key])
+    args.model = SIZES[args.size]["model"]
+    with tempfile.TemporaryDirectory(prefix="vd-bench-batch-") as tmp:
+        manifest = batch_manifest(Path(tmp), args.clips, args)
+        rows = [run_batch_bench(args, n, manifest, Path(tmp) / f"out{n}") for n in (1, 2)]
+    meta = {"when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "device": device_name(args.device), "commit": commit_id(),
+            "settings": (f"{args.model}, {args.clips} clips, {args.frames} frames, {args.px}px, {args.steps} steps, "
+                         f"{args.null_steps} null steps, 1 edit + eval per clip")}
+    report = format_batch(meta, rows)
+    print(report)
+    if not args.no_record:
+        with RESULTS.open("a") as fh:
+            fh.write("\n" + report)
+
+
 def device_name(device: str) -> str:
     import torch
 
@@ -293,6 +369,10 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true", help="skip the unoptimised baseline inversion")
     ap.add_argument("--no-record", action="store_true", help="print only; do not append to bench/RESULTS.md")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--batch", action="store_true", help="measure `vd batch` clips/hour with 1 and 2 workers "
+                                                          "(tiny model, generated clips) and count the model loads")
+    ap.add_argument("--clips", type=int, default=BATCH["clips"], help="clips in the --batch manifest")
+    ap.add_argument("--engine", choices=("local", "ray"), default="local", help="--batch engine")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--workspace", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -301,6 +381,9 @@ def main() -> None:
         args.threads = 1 if args.device == "cpu" else 0
     if args.worker:
         print(json.dumps(worker(args), default=str))
+        return
+    if args.batch:
+        batch_main(args)
         return
     preset = SIZES[args.size]
     for key in ("steps", "null_steps", "frames", "px"):

@@ -17,10 +17,15 @@ class Progress:
         self.quiet = quiet
         self.stream = stream or sys.stderr
         self.plain = (not self.stream.isatty()) if plain is None else plain
+        self._console = None  # the live Rich console while a bar is shown: log lines go above the bar
 
     def log(self, message: str) -> None:
         """Print a status line (suppressed by --quiet)."""
-        if not self.quiet:
+        if self.quiet:
+            return
+        if self._console is not None:
+            self._console.print(message, markup=False, highlight=False, soft_wrap=True)
+        else:
             print(message, file=self.stream, flush=True)
 
     @contextlib.contextmanager
@@ -64,7 +69,11 @@ class Progress:
                 info = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
                 bar.update(task_id, advance=n, info=info)
 
-            yield advance
+            outer, self._console = self._console, bar.console
+            try:
+                yield advance
+            finally:
+                self._console = outer
 
 
 def _fmt(value: object) -> str:

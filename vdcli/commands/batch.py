@@ -1,0 +1,90 @@
+"""`vd batch MANIFEST`: mask -> invert -> edit -> eval over many clips, locally or on a Ray cluster."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from vdcli.common import JsonOpt, QuietOpt, app, run
+
+_RUN, _OUT = "Workers", "Output"
+
+
+@app.command("batch")
+def batch_command(
+    manifest: Annotated[Path, typer.Argument(metavar="MANIFEST", show_default=False,
+                                             help="YAML (or .jsonl) manifest: `defaults:` and `clips:`.")],
+    engine: Annotated[str, typer.Option("--engine", rich_help_panel=_RUN,
+                                        help="local (in this process) or ray (Ray actors).")] = "local",
+    address: Annotated[Optional[str], typer.Option(
+        "--address", rich_help_panel=_RUN,
+        help="Ray cluster to join: auto (a running one) or ray://HOST:10001; default: start a local one.")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", "-w", rich_help_panel=_RUN,
+        help="Workers, each holding one model. \\[default: 1 locally; Ray: one per GPU slot, else one per node]")] = None,
+    gpus_per_worker: Annotated[Optional[float], typer.Option(
+        "--gpus-per-worker", rich_help_panel=_RUN,
+        help="GPUs per Ray worker. \\[default: 1 when the cluster has GPUs, else 0 (CPU workers)]")] = None,
+    threads_per_worker: Annotated[Optional[int], typer.Option(
+        "--threads-per-worker", rich_help_panel=_RUN,
+        help="Torch/OpenMP threads per worker. \\[default: cores / workers]")] = None,
+    out: Annotated[str, typer.Option(
+        "--out", "-o", rich_help_panel=_OUT,
+        help="Folder or fsspec URL (s3://, gs://, az://, file://) for the workspaces (NAME.vd).")] = "runs",
+    only: Annotated[Optional[str], typer.Option(
+        "--only", metavar="STAGES", rich_help_panel=_RUN,
+        help="Comma list of the stages to run: mask,invert,edit,eval. \\[default: all]")] = None,
+    retry: Annotated[int, typer.Option("--retry", rich_help_panel=_RUN,
+                                       help="Retries of a clip after a transient (unexpected) failure.")] = 0,
+    scratch: Annotated[Optional[str], typer.Option(
+        "--scratch", rich_help_panel=_OUT,
+        help="Local scratch folder for workspaces synced to a URL. \\[default: TMP/vd-batch-USER]")] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run many clips from one manifest; skips stages already complete, so a rerun resumes the batch.
+
+    Exit code 0 when every clip finished, 1 when some failed (the report names them).
+    """
+
+    def work(progress: Any) -> dict[str, Any]:
+        from stages.batch import STAGES, BatchOptions, check_options, run_batch
+        from stages.manifest import load_manifest
+
+        stages = [s.strip() for s in only.split(",") if s.strip()] if only else list(STAGES)
+        opts = BatchOptions(engine=engine, address=address, workers=workers, gpus_per_worker=gpus_per_worker,
+                            threads_per_worker=threads_per_worker, out=out, only=stages, retry=retry,
+                            scratch=scratch)
+        check_options(opts)  # before the manifest: bad flags are usage errors
+        return run_batch(load_manifest(manifest), opts, progress)
+
+    result = run(work, json_out, quiet, _print_human)
+    failed = result.get("failed") or []
+    if failed:
+        names = ", ".join(f"{f['name']} ({f['error']})" for f in failed)
+        print(f"vd: error: {len(failed)} of {result['counts']['clips']} clip(s) failed: {names}",
+              file=sys.stderr, flush=True)
+        raise typer.Exit(1)
+
+
+def _print_human(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from vdcli.commands.eval import _print_compare
+
+    table = Table(title=f"vd batch: {result['counts']['done']}/{result['counts']['clips']} clip(s) done "
+                        f"in {result['seconds']:.0f} s, {result['model_loads']['total']} model load(s)")
+    for col in ("clip", "status", "ran", "skipped", "seconds", "workspace / error"):
+        table.add_column(col, justify="right" if col == "seconds" else "left")
+    for clip in result["clips"]:
+        table.add_row(clip["name"], clip["status"], ",".join(clip["run"]) or "-", ",".join(clip["skipped"]) or "-",
+                      f"{clip['seconds']:.1f}" if clip.get("seconds") is not None else "-",
+                      clip["workspace"] if clip["status"] == "done" else str(clip["error"]))
+    console = Console()
+    console.print(table)
+    if result.get("compare"):
+        _print_compare(result["compare"])
