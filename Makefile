@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 VD := $(VENV)/bin/vd
 DEMO ?= demo
 
-.PHONY: install demo test bench bench-full clean
+.PHONY: install demo test bench bench-full clean mutation
 
 install: $(VENV)/.installed
 
@@ -33,3 +33,16 @@ bench-full: install
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
+
+# Mutation testing of the method's math (slow, minutes to hours; not in CI; notes/mutation.md). mutmut runs in
+# a copy under build/ (git-ignored) so the working tree is never touched; rerunning refreshes the copy and
+# mutmut re-tests only what changed. Settings: [tool.mutmut] in pyproject.toml. MUTANTS narrows the run,
+# e.g. `make mutation MUTANTS='stages.ddim.*'`.
+MUTDIR ?= build/mutation
+MUTANTS ?= stages.ddim.* stages.guidance.* stages.control.editing.* stages.prompts.* \
+	stages.invert.x__step__mutmut_* stages.edit.x_edit_latents__mutmut_*
+mutation: install
+	mkdir -p $(MUTDIR)
+	tar --exclude=./.venv --exclude=./.git --exclude=./build --exclude=./$(DEMO) -cf - . | tar -xf - -C $(MUTDIR)
+	cd $(MUTDIR) && PATH="$(abspath $(VENV))/bin:$$PATH" mutmut run $(foreach m,$(MUTANTS),'$(m)'); \
+		PATH="$(abspath $(VENV))/bin:$$PATH" mutmut results | grep -v ': not checked' || true

@@ -1,0 +1,96 @@
+"""Where the edit acts (ALGORITHM.md §5.4, decision 8), measured on the latents of the real edit stage.
+
+The tiny model's random attention is near uniform, so it cannot show a spatial effect; SA-II is driven
+here through its real handler with nearest-position queries/keys (tests/fake_unet.py, mode "local"):
+an edit-branch token attends to the source token at its own position unless SA-II hides that key.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import stages.control.editing as editing
+from conftest import make_workspace
+from fake_unet import FakeEditUNet, fake_inversion
+from stages.edit import EditConfig, edit_latents, plan_edit
+from stages.progress import Progress
+
+FRAMES, STEPS = 2, 5
+
+
+@pytest.fixture
+def half_ws(tmp_path):
+    """64 px frames (8x8 latents) with masks/edit covering the left half: latent columns 0-3."""
+    ws = make_workspace(tmp_path / "ws", frames=FRAMES, size=64)
+    mask = np.zeros((FRAMES, 64, 64), np.uint8)
+    mask[:, :, :32] = 1
+    ws.write_array("masks/edit", mask)
+    return ws
+
+
+def _edit(ws, tiny, inv, **kw):
+    job = plan_edit(ws, inv, EditConfig(prompt="tiger", **kw))
+    return edit_latents(ws, inv, tiny, job, Progress(quiet=True))[0]
+
+
+def _inside_outside(e: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    d = (e - ref).abs()
+    return float(d[..., :4].mean()), float(d[..., 4:].mean())
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_sa2_lets_the_edited_region_move_and_holds_the_other_to_the_source(half_ws, tiny, monkeypatch, background):
+    inv = fake_inversion(tiny, STEPS, FRAMES, (8, 8))
+    z0 = torch.from_numpy(inv.latents[0])
+    # without new content the edit follows the source path exactly (the stand-in is consistent with it)
+    FakeEditUNet(monkeypatch, mode="local", noise=inv.attrs["noise"], push=0.0)
+    still = _edit(half_ws, tiny, inv, sa1=False, cross=False, tau_s=0.0, background=background)
+    assert float((still - z0).abs().max()) < 1e-4
+    monkeypatch.undo()
+    FakeEditUNet(monkeypatch, mode="local", noise=inv.attrs["noise"], push=0.01)
+    e = _edit(half_ws, tiny, inv, sa1=False, cross=False, tau_s=0.0, background=background)
+    inside, outside = _inside_outside(e, z0)
+    edited, kept = (outside, inside) if background else (inside, outside)
+    # the edited region keeps all of the new content, the other half of it (source key at the same place)
+    assert edited > 1.5 * kept > 0, (inside, outside)
+
+
+def test_sa2_hides_the_mask_or_its_complement_at_every_step(half_ws, tiny, monkeypatch):
+    inv = fake_inversion(tiny, STEPS, FRAMES, (8, 8))
+    left = torch.zeros(FRAMES, 8, 8, dtype=torch.bool)
+    left[..., :4] = True
+    for background, hidden in ((False, left), (True, ~left)):
+        fake = FakeEditUNet(monkeypatch)
+        _edit(half_ws, tiny, inv, tau_s=0.4, background=background)
+        assert sorted(fake.hides) == [2, 3, 4]  # SA-II from int(5 * 0.4) = 2 on
+        for step, hides in fake.hides.items():
+            for hide in hides:
+                assert torch.equal(hide, hidden.reshape(FRAMES, 64)), (background, step)
+        monkeypatch.undo()
+
+
+def test_local_blend_holds_the_outside_on_the_source_path_from_its_start_step(half_ws, tiny, monkeypatch):
+    """Outside the blend mask the edit latent equals the inversion path latents[S-1-i] after every step
+    i >= int(S * blend_start) = int(5 * 0.2) = 1, and not at step 0."""
+    seen = []
+
+    def left_half(self):
+        seen.append(self.threshold)
+        m = torch.zeros(FRAMES, 1, 8, 8)
+        m[..., :4] = 1
+        return m
+
+    monkeypatch.setattr(editing.LocalBlend, "mask", left_half)
+    fake = FakeEditUNet(monkeypatch)
+    inv = fake_inversion(tiny, STEPS, FRAMES, (8, 8))
+    final = _edit(half_ws, tiny, inv, blend=["tiger"])
+    lat = torch.from_numpy(inv.latents)
+    after = [z[0] for _, z, _ in fake.inputs[1:]] + [final]  # edit latent after step i
+    assert len(after) == STEPS and seen == [0.3] * (STEPS - 1)
+    for i, e in enumerate(after):
+        source = lat[STEPS - 1 - i]
+        same_outside = torch.equal(e[..., 4:], source[..., 4:])
+        assert same_outside == (i >= 1), i
+        assert not (e[..., :4] == source[..., :4]).any(), i  # inside: the edit's own latent
