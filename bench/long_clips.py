@@ -57,7 +57,7 @@ def worker(args: argparse.Namespace) -> dict:
     ev = run_eval(ws, build_config(EvalConfig, {"metrics": ["warp"]}))
     seams = {name: {k: v for k, v in item["metrics"].items() if k in ("warp_error_seam", "warp_error_inside")}
              for name, item in ev["items"].items()}
-    return {"frames": args.frames, "window": args.window, "overlap": args.overlap,
+    return {"frames": args.frames[0], "window": args.window, "overlap": args.overlap,
             "windows": len(ws.group_attrs("inversion")["windows"]["spans"]), "invert_s": invert_s,
             "edit_s": edit_s, "peak_gib": peak, "latents_mib": ws.size_bytes("inversion/latents") / 2**20,
             "recon_psnr": inv["recon"]["psnr"], "seams": seams}
@@ -113,7 +113,7 @@ def main() -> None:
     ap.add_argument("--null-steps", type=int, default=2)
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--overlap", type=int, default=2)
-    ap.add_argument("--frames", type=int, nargs="*", default=[16, 32, 64, 128])
+    ap.add_argument("--frames", type=int, nargs="*", default=[16, 32, 64, 128])  # a worker gets one
     ap.add_argument("--seam-frames", type=int, default=48)
     ap.add_argument("--seam-overlaps", type=int, nargs="*", default=[2, 4])
     ap.add_argument("--threads", type=int, default=1)

@@ -289,7 +289,8 @@ def _select(ws: Workspace, config: EvalConfig, metrics: list[str]) -> tuple[list
                 raise InputError(f"edit {name!r} is not finished (status {status}); rerun `vd edit`")
             targets.append(name)
         return targets, skipped
-    targets = [RECON] if has_recon and any(m in GROUPS["fidelity"] for m in metrics) else []
+    seams = "warp" in metrics and has_recon and _seam_pairs(ws, int(ws.array("video/frames").shape[0])) is not None
+    targets = [RECON] if has_recon and (seams or any(m in GROUPS["fidelity"] for m in metrics)) else []
     for name in names:
         if _edit_ready(ws, name):
             targets.append(name)

@@ -153,9 +153,12 @@ def test_long_clip_through_every_stage_with_resume(tmp_path, loads, interrupt_in
 
     r = vd("edit", ws_path, "--prompt", "blue cube", "--device", "cpu", "--json", "-q")
     assert r.exit_code == 0, r.output
-    assert ws.read("edits/blue-cube/frames").shape[0] == 40 if ws.has("edits/blue-cube/frames") else True
+    name = json.loads(r.stdout)["name"]
+    assert ws.read(f"edits/{name}/frames").shape[0] == 40
+    assert ws.group_attrs(f"edits/{name}")["stats"]["windows"]["spans"] == attrs["windows"]["spans"]
     r = vd("eval", ws_path, "--metrics", "warp", "--json", "-q")
     assert r.exit_code == 0, r.output
     items = json.loads(r.stdout)["items"]
+    assert set(items) == {"reconstruction", name}
     for item in items.values():  # the seam metric appears whenever the inversion used windows
         assert {"warp_error_seam", "warp_error_inside"} <= set(item["metrics"]), item["metrics"]
