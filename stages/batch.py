@@ -310,15 +310,14 @@ def inversion_state(ws: Any, cfg: Any) -> str:
     import numpy as np
 
     from stages.config import changed_settings
-    from stages.invert import GROUP, _digest, _settings
+    from stages.invert import GROUP, stored_settings
 
     stored = ws.group_attrs(GROUP)
     if not stored.get("settings"):
         return "none"
     frames = ws.read("video/frames")
     mask = ws.read("masks/edit") if ws.has("masks/edit") else None
-    new = _settings(cfg)
-    new.update(frames=_digest(frames), masks=_digest(mask) if any(cfg.coefficients()) else None)
+    new = stored_settings(cfg, frames, mask)
     old = {k: v for k, v in stored["settings"].items() if k in new}
     if changed_settings(old, new):
         return "stale"
@@ -628,7 +627,7 @@ def _report(manifest: Manifest, opts: BatchOptions, out: str, results: list[dict
 
 def compare_table(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The `vd eval --compare` table (same shape and grouping) over the clips' eval results."""
-    from stages.evaluate import RECON, _aggregate
+    from stages.evaluate import RECON, aggregate
 
     per_clip = {r["workspace"]: r["metrics"] for r in results if r.get("metrics")}
     if not per_clip:
@@ -641,4 +640,4 @@ def compare_table(results: list[dict[str, Any]]) -> dict[str, Any] | None:
             groups.setdefault(name, []).append(values)
     fixed = [g for g in (RECON, "all edits") if g in groups]
     order = fixed + sorted(g for g in groups if g not in fixed)
-    return {"clips": list(per_clip), "groups": {g: _aggregate(groups[g]) for g in order}, "per_clip": per_clip}
+    return {"clips": list(per_clip), "groups": {g: aggregate(groups[g]) for g in order}, "per_clip": per_clip}

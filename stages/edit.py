@@ -100,7 +100,7 @@ def _check_region(ws: Workspace, inv: Inversion, cfg: EditConfig, progress: Prog
                      "background")
 
 
-def _validate(cfg: EditConfig) -> None:
+def validate_edit(cfg: EditConfig) -> None:
     from stages.config import check_config
 
     if isinstance(cfg.blend, str):  # presets may give "bear tiger"
@@ -138,7 +138,7 @@ def _contains(text: str, phrase: str) -> bool:
 
 def plan_edit(ws: Workspace, inv: Inversion, cfg: EditConfig) -> EditJob:
     """Resolve prompt, name and words; every check that needs no model."""
-    _validate(cfg)
+    validate_edit(cfg)
     target, mode = resolve_prompt(cfg.prompt, inv.prompt, inv.subject)
     for word in cfg.reweight:
         if not _contains(target, word):

@@ -582,7 +582,7 @@ def compare(paths: Iterable[str | Path], config: EvalConfig, progress: Progress 
             groups.setdefault(name, []).append(values)
     fixed = [g for g in (RECON, "all edits") if g in groups]
     order = fixed + sorted(g for g in groups if g not in fixed)
-    table = {g: _aggregate(groups[g]) for g in order}
+    table = {g: aggregate(groups[g]) for g in order}
     result = {"clips": list(per_clip), "metrics": metrics, "groups": table, "per_clip": per_clip}
     if skipped:
         result["skipped_clips"] = skipped
@@ -594,7 +594,7 @@ def _has_results(ws: Workspace) -> bool:
     return ws.has("inversion/reconstruction") or any(_edit_ready(ws, n) for n in edit_names(ws))
 
 
-def _aggregate(items: list[dict[str, Any]]) -> dict[str, Any]:
+def aggregate(items: list[dict[str, Any]]) -> dict[str, Any]:
     keys = list(dict.fromkeys(k for item in items for k in item))
     means: dict[str, Any] = {}
     counts: dict[str, int] = {}

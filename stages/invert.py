@@ -221,6 +221,14 @@ def _digest(data: np.ndarray | None) -> str | None:
     return None if data is None else hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()[:16]
 
 
+def stored_settings(cfg: InvertConfig, frames: np.ndarray, mask: np.ndarray | None) -> dict[str, Any]:
+    """What a stored inversion depends on (before the model is loaded): the settings plus digests of the
+    frames and, when STDG uses it, the mask. A resume (or `vd batch`'s skip) needs these to be equal."""
+    settings = _settings(cfg)
+    settings.update(frames=_digest(frames), masks=_digest(mask) if any(cfg.coefficients()) else None)
+    return settings
+
+
 # --------------------------------------------------------------------------------------------- engine
 
 class PhaseTimer:
@@ -431,8 +439,7 @@ def run_invert(ws: Workspace, cfg: InvertConfig, progress: Progress, models: Any
     frames, mask = _require_inputs(ws, cfg)
     clip_windows(len(frames), cfg, MAX_WINDOW)  # window settings refused before anything is touched
     stagelock.hold(ws.path, GROUP, "vd invert", f"the inversion in {ws.path}")
-    settings = _settings(cfg)
-    settings.update(frames=_digest(frames), masks=_digest(mask) if any(cfg.coefficients()) else None)
+    settings = stored_settings(cfg, frames, mask)
     stored = ws.group_attrs(GROUP)
     resuming = bool(stored.get("settings")) and not cfg.restart
     if resuming:

@@ -194,7 +194,7 @@ def _plan(index: int, defaults: dict[str, Any], entry: dict[str, Any], base: Pat
         cfg = build_config(EditConfig, *section("edit"), Layer(item, at), *dev)
         if invert.dtype != "auto":
             cfg.dtype = invert.dtype
-        _stage_check("stages.edit", "_validate", cfg, at)
+        _stage_check("stages.edit", "validate_edit", cfg, at)
         name = _edit_name(cfg, invert, at)
         if name in names:
             raise InputError(f"{at}: duplicate edit name {name!r} for this clip; give each edit its own `name:`")
@@ -259,14 +259,14 @@ def _stage_check(module: str, fn: str, cfg: Any, where: str) -> None:
 
 
 def _check_mask(cfg: Any, where: str) -> None:
-    from stages.mask import _check_options, _check_prompts_inside, parse_box, parse_point
+    from stages.mask import check_options, check_prompts_inside, parse_box, parse_point
     from stages.video import parse_size
 
     try:
-        _check_options(cfg)
+        check_options(cfg)
         height, width = parse_size(cfg.size)
         box = parse_box(cfg.box) if cfg.box else None
-        _check_prompts_inside([parse_point(p) for p in cfg.points], box, height, width)
+        check_prompts_inside([parse_point(p) for p in cfg.points], box, height, width)
     except VdError as exc:
         raise InputError(f"{where}: {str(exc).splitlines()[0]}") from None
 

@@ -79,7 +79,7 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     return x0, y0, x1, y1
 
 
-def _check_prompts_inside(points: list[tuple[float, float, int]], box: tuple[float, ...] | None,
+def check_prompts_inside(points: list[tuple[float, float, int]], box: tuple[float, ...] | None,
                           height: int, width: int) -> None:
     for x, y, _ in points:
         if not (0 <= x < width and 0 <= y < height):
@@ -207,7 +207,7 @@ def parse_frames(text: str | int) -> int:
         raise UsageError(f"--frames must be a number or 'all', got {text!r}") from None
 
 
-def _check_options(cfg: MaskConfig) -> None:
+def check_options(cfg: MaskConfig) -> None:
     from stages.config import check_config
 
     check_config(cfg)  # types, finite numbers (--fps nan), int64
@@ -245,7 +245,7 @@ def run_mask(clip: str | Path, output: str | Path | None, config: MaskConfig,
 
     progress = progress or Progress(quiet=True)
     started = time.monotonic()
-    _check_options(config)
+    check_options(config)
     size_hw = vid.parse_size(config.size)
     points = [parse_point(p) for p in config.points]
     box = parse_box(config.box) if config.box else None
@@ -271,7 +271,7 @@ def run_mask(clip: str | Path, output: str | Path | None, config: MaskConfig,
     count, height, width = frames.shape[:3]
     if config.prompt_frame >= count:
         raise UsageError(f"--prompt-frame {config.prompt_frame} is outside the clip's {count} kept frames")
-    _check_prompts_inside(points, box, height, width)
+    check_prompts_inside(points, box, height, width)
 
     mask_info: dict[str, Any] = {"method": method}
     if method == "sam2":

@@ -74,7 +74,7 @@ def _print_human(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from vdcli.commands.eval import _print_compare
+    from vdcli.commands.eval import print_compare
 
     table = Table(title=f"vd batch: {result['counts']['done']}/{result['counts']['clips']} clip(s) done "
                         f"in {result['seconds']:.0f} s, {result['model_loads']['total']} model load(s)")
@@ -87,4 +87,4 @@ def _print_human(result: dict[str, Any]) -> None:
     console = Console()
     console.print(table)
     if result.get("compare"):
-        _print_compare(result["compare"])
+        print_compare(result["compare"])

@@ -92,7 +92,7 @@ def eval_command(
             stagelock.hold(ws.path, stagelock.WORKSPACE, "vd eval", f"workspace {ws.path}", shared=True)
             return run_eval(ws, config, progress)
 
-    run(work, json_out, quiet, _print_compare if compare else _print_eval)
+    run(work, json_out, quiet, print_compare if compare else _print_eval)
 
 
 def _fmt(value: Any) -> str:
@@ -167,7 +167,7 @@ def _print_eval(result: dict[str, Any]) -> None:
         console.print(f"plot: {Path(result['workspace']) / path}", highlight=False)
 
 
-def _print_compare(result: dict[str, Any]) -> None:
+def print_compare(result: dict[str, Any]) -> None:
     from rich.console import Console
 
     from stages.evaluate import RECON
