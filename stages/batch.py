@@ -627,17 +627,9 @@ def _report(manifest: Manifest, opts: BatchOptions, out: str, results: list[dict
 
 def compare_table(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The `vd eval --compare` table (same shape and grouping) over the clips' eval results."""
-    from stages.evaluate import RECON, aggregate
+    from stages.evaluate import compare_groups
 
     per_clip = {r["workspace"]: r["metrics"] for r in results if r.get("metrics")}
     if not per_clip:
         return None
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for items in per_clip.values():
-        for name, values in items.items():
-            if name != RECON:
-                groups.setdefault("all edits", []).append(values)
-            groups.setdefault(name, []).append(values)
-    fixed = [g for g in (RECON, "all edits") if g in groups]
-    order = fixed + sorted(g for g in groups if g not in fixed)
-    return {"clips": list(per_clip), "groups": {g: aggregate(groups[g]) for g in order}, "per_clip": per_clip}
+    return {"clips": list(per_clip), "groups": compare_groups(per_clip), "per_clip": per_clip}

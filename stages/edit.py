@@ -27,7 +27,7 @@ from stages.errors import InputError, Interrupted, UsageError
 from stages.invert import Inversion
 from stages.progress import Progress
 from stages.prompts import changed_words, cross_plan, resolve_prompt, slug, word_positions, words
-from stages.windows import Windows, blend as blend_windows, plan_windows, weight_tensor
+from stages.windows import Windows, blend as blend_windows, plan_windows
 from stages.workspace import Workspace, check_name
 
 
@@ -260,15 +260,13 @@ def inversion_windows(inv: Inversion) -> Windows:
 
 def _blend_mask(windows: Windows, blends: list[LocalBlend]) -> torch.Tensor | None:
     """The local-blend mask per frame: one window's own, or the windows' masks mixed with their weights."""
-    masks = [b.mask() for b in blends]
-    if windows.single or all(m is None for m in masks):
-        return masks[0]
-    ref = next(m for m in masks if m is not None)
-    out = torch.zeros((windows.frames,) + tuple(ref.shape[1:]), dtype=ref.dtype, device=ref.device)
-    for k, ((s, e_), m) in enumerate(zip(windows.spans, masks)):
-        if m is not None:
-            out[s:e_] += weight_tensor(windows, k, m, frame_dim=0) * m
-    return out
+    masks = dict(zip(windows.spans, (b.mask() for b in blends)))
+    if windows.single or all(m is None for m in masks.values()):
+        return next(iter(masks.values()))
+    ref = next(m for m in masks.values() if m is not None)
+    # a window without recorded maps blends nothing in (a zero mask keeps the reconstruction path)
+    return blend_windows(windows, lambda s, e_: ref.new_zeros((e_ - s,) + tuple(ref.shape[1:]))
+                         if masks[(s, e_)] is None else masks[(s, e_)], frame_dim=0)
 
 
 # ----------------------------------------------------------------------------------------- outputs

@@ -574,6 +574,16 @@ def compare(paths: Iterable[str | Path], config: EvalConfig, progress: Progress 
     if not per_clip:
         raise InputError(f"nothing to evaluate in {len(workspaces)} workspace(s): none has an inversion or a "
                          "finished edit; run `vd invert` and `vd edit` first")
+    result = {"clips": list(per_clip), "metrics": metrics, "groups": compare_groups(per_clip),
+              "per_clip": per_clip}
+    if skipped:
+        result["skipped_clips"] = skipped
+    return result
+
+
+def compare_groups(per_clip: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The comparison table over clips ({clip: {name: metrics}}): the reconstruction, all edits together,
+    then each edit name, each aggregated over the clips that have it."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for clip_items in per_clip.values():
         for name, values in clip_items.items():
@@ -582,11 +592,7 @@ def compare(paths: Iterable[str | Path], config: EvalConfig, progress: Progress 
             groups.setdefault(name, []).append(values)
     fixed = [g for g in (RECON, "all edits") if g in groups]
     order = fixed + sorted(g for g in groups if g not in fixed)
-    table = {g: aggregate(groups[g]) for g in order}
-    result = {"clips": list(per_clip), "metrics": metrics, "groups": table, "per_clip": per_clip}
-    if skipped:
-        result["skipped_clips"] = skipped
-    return result
+    return {g: aggregate(groups[g]) for g in order}
 
 
 def _has_results(ws: Workspace) -> bool:
