@@ -37,10 +37,10 @@ clean:
 # Mutation testing of the method's math (slow, minutes to hours; not in CI; notes/mutation.md). mutmut runs in
 # a copy under build/ (git-ignored) so the working tree is never touched; rerunning refreshes the copy and
 # mutmut re-tests only what changed. Settings: [tool.mutmut] in pyproject.toml. MUTANTS narrows the run,
-# e.g. `make mutation MUTANTS='stages.ddim.*'`.
+# e.g. `make mutation MUTANTS='stages.method.ddim.*'`.
 MUTDIR ?= build/mutation
-MUTANTS ?= stages.ddim.* stages.guidance.* stages.control.editing.* stages.prompts.* \
-	stages.invert.x__step__mutmut_* stages.edit.x_edit_latents__mutmut_*
+MUTANTS ?= stages.method.ddim.* stages.method.guidance.* stages.method.control.editing.* stages.method.prompts.* \
+	stages.invert.run.x__step__mutmut_* stages.edit.run.x_edit_latents__mutmut_*
 mutation: install
 	mkdir -p $(MUTDIR)
 	tar --exclude=./.venv --exclude=./.git --exclude=./build --exclude=./$(DEMO) -cf - . | tar -xf - -C $(MUTDIR)

@@ -37,7 +37,7 @@ SIZES = {
 }
 PROMPT = "a red ball rolling over a textured floor"
 EDIT_NAME = "bench"
-# profile phases in the order a null-text step runs them (stages.invert.PhaseTimer names)
+# profile phases in the order a null-text step runs them (stages.invert.run.PhaseTimer names)
 PHASES = ("gt_forward", "stdg_forward", "stdg_backward", "eps_c_forward", "inner_forward", "inner_backward",
           "adam_step", "final_update", "gc", "commit")
 
@@ -81,10 +81,10 @@ def worker(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from stages.config import build_config
-    from stages.models import load_models
-    from stages.progress import Progress
-    from stages.workspace import Workspace
+    from stages.common.config import build_config
+    from stages.models.load import load_models
+    from stages.common.progress import Progress
+    from stages.io.workspace import Workspace
 
     ws = Workspace.open(args.workspace)
     progress = Progress(quiet=not args.verbose)
@@ -95,7 +95,7 @@ def worker(args: argparse.Namespace) -> dict:
     timer = None
     t0 = time.perf_counter()
     if args.worker == "edit":
-        from stages.edit import EditConfig, run_edit
+        from stages.edit.run import EditConfig, run_edit
 
         cfg = build_config(EditConfig, {"prompt": "a blue ball rolling", "name": EDIT_NAME, "device": args.device,
                                         "dtype": args.dtype, "force": True})
@@ -105,7 +105,7 @@ def worker(args: argparse.Namespace) -> dict:
         result["unet_batch"] = int(stats.get("unet_batch", 1))
         group = f"edits/{EDIT_NAME}"
     else:
-        from stages.invert import InvertConfig, PhaseTimer, run_invert
+        from stages.invert.run import InvertConfig, PhaseTimer, run_invert
 
         cfg = build_config(InvertConfig, {
             "prompt": PROMPT, "subject": "red ball", "model": args.model, "steps": args.steps,
@@ -123,8 +123,8 @@ def worker(args: argparse.Namespace) -> dict:
 def make_workspace(path: Path, frames: int, px: int) -> None:
     """A workspace holding a generated clip and its ground-truth mask (what `vd mask` leaves)."""
     sys.path.insert(0, str(ROOT))
-    from stages.synthetic import moving_disc
-    from stages.workspace import Workspace
+    from stages.io.synthetic import moving_disc
+    from stages.io.workspace import Workspace
 
     video, masks = moving_disc(frames, px, px, seed=0)
     ws = Workspace.create(path, {"path": "bench-synthetic", "sha256": f"bench-{frames}-{px}", "frames": frames,
@@ -210,7 +210,7 @@ def compare(opt_ws: Path, base_ws: Path) -> dict[str, float]:
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
-    from stages.workspace import Workspace
+    from stages.io.workspace import Workspace
 
     a, b = Workspace.open(opt_ws), Workspace.open(base_ws)
     out = {}
@@ -261,8 +261,8 @@ BATCH = dict(clips=4, frames=4, px=64, steps=4, null_steps=2)
 def batch_manifest(folder: Path, clips: int, args: argparse.Namespace) -> Path:
     """Write `clips` generated clips and a manifest running mask -> invert -> edit -> eval on each."""
     sys.path.insert(0, str(ROOT))
-    from stages.synthetic import moving_disc
-    from stages.video import write_mp4
+    from stages.io.synthetic import moving_disc
+    from stages.io.video import write_mp4
 
     lines = ["defaults:", f"  model: {args.model}", f"  frames: {args.frames}", f"  size: {args.px}",
              f"  invert: {{steps: {args.steps}, null_steps: {args.null_steps}}}",

@@ -31,13 +31,13 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from stages.config import build_config
-    from stages.edit import EditConfig, run_edit
-    from stages.evaluate import EvalConfig, run_eval
-    from stages.invert import InvertConfig, run_invert
-    from stages.models import load_models
-    from stages.progress import Progress
-    from stages.workspace import Workspace
+    from stages.common.config import build_config
+    from stages.edit.run import EditConfig, run_edit
+    from stages.evaluate.run import EvalConfig, run_eval
+    from stages.invert.run import InvertConfig, run_invert
+    from stages.models.load import load_models
+    from stages.common.progress import Progress
+    from stages.io.workspace import Workspace
 
     ws = Workspace.open(args.workspace)
     progress = Progress(quiet=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.progress import Progress
+from stages.common.progress import Progress
 
 PROMPT = "a red ball rolling across a patterned floor"
 SUBJECT = "red ball"
@@ -35,7 +35,7 @@ def choose_model(requested: str) -> str:
     """'auto' -> the real default spec when its weights are present locally, else 'tiny'."""
     if requested != "auto":
         return requested
-    from stages.models import DEFAULT_SPEC, models_status
+    from stages.models.load import DEFAULT_SPEC, models_status
 
     return DEFAULT_SPEC if models_status()["specs"].get(DEFAULT_SPEC) else "tiny"
 
@@ -44,8 +44,8 @@ def write_clip(folder: Path, frames: int, size: int) -> tuple[Path, Path]:
     """Write the generated clip (mp4) and its ground-truth masks (one PNG per frame)."""
     from PIL import Image
 
-    from stages.synthetic import moving_disc
-    from stages.video import write_mp4
+    from stages.io.synthetic import moving_disc
+    from stages.io.video import write_mp4
 
     video, masks = moving_disc(frames, size, size, seed=0)
     clip = write_mp4(folder / "clip.mp4", video, fps=8.0)
@@ -58,7 +58,7 @@ def write_clip(folder: Path, frames: int, size: int) -> tuple[Path, Path]:
 
 def run_demo(folder: str | Path, cfg: DemoConfig, progress: Progress) -> dict[str, Any]:
     """Run the whole pipeline in `folder`; return paths, timings and the equivalent shell commands."""
-    from stages.errors import Interrupted
+    from stages.common.errors import Interrupted
 
     try:
         return _run_demo(Path(folder), cfg, progress)
@@ -68,12 +68,12 @@ def run_demo(folder: str | Path, cfg: DemoConfig, progress: Progress) -> dict[st
 
 
 def _run_demo(folder: Path, cfg: DemoConfig, progress: Progress) -> dict[str, Any]:
-    from stages.config import build_config
-    from stages.edit import EditConfig, run_edit
-    from stages.evaluate import EvalConfig, run_eval
-    from stages.invert import InvertConfig, run_invert
-    from stages.mask import MaskConfig, run_mask
-    from stages.models import load_models
+    from stages.common.config import build_config
+    from stages.edit.run import EditConfig, run_edit
+    from stages.evaluate.run import EvalConfig, run_eval
+    from stages.invert.run import InvertConfig, run_invert
+    from stages.mask.run import MaskConfig, run_mask
+    from stages.models.load import load_models
 
     folder.mkdir(parents=True, exist_ok=True)
     model = choose_model(cfg.model)
@@ -94,7 +94,7 @@ def _run_demo(folder: Path, cfg: DemoConfig, progress: Progress) -> dict[str, An
                                                              "mask_dir": str(mask_dir), "force": True}), progress)
     timings["mask_s"] = time.perf_counter() - t0
 
-    from stages.workspace import Workspace
+    from stages.io.workspace import Workspace
 
     ws = Workspace.open(ws_path)
     t0 = time.perf_counter()

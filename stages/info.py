@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from stages.workspace import Workspace
+from stages.io.workspace import Workspace
+from stages.common.errors import first_line
 
 STAGE_DIRS = ("video", "masks", "inversion", "edits", "eval")
 
@@ -42,7 +43,7 @@ def _safe(fn: Any) -> Any:
         try:
             return fn(ws)
         except Exception as exc:  # a damaged part must not hide the rest
-            return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+            return {"error": f"{type(exc).__name__}: {first_line(str(exc))}"}
     return wrapped
 
 
@@ -138,7 +139,7 @@ def _eval(ws: Workspace) -> list[dict[str, Any]] | None:
 
 def _writer(ws: Workspace, name: str) -> str | None:
     """Who is writing stage `name` right now (a live lock holder), for `vd info`."""
-    from stages import stagelock
+    from stages.io import locks as stagelock
 
     info = stagelock.holder(ws.path, name)
     return stagelock.describe(info) if info else None
@@ -246,9 +247,9 @@ def check_workspace(path: str | Path) -> dict[str, Any]:
     """`vd info --check`: decode every chunk of every array and check that the stages agree with their
     done flags and with each other's shapes. Returns {ok, arrays, problems: [{name, problem, fix}],
     notes: [...]}; a stage being written right now (a live lock) is reported, not judged."""
-    from stages import stagelock
-    from stages.errors import InputError
-    from stages.workspace import remedy
+    from stages.io import locks as stagelock
+    from stages.common.errors import InputError
+    from stages.io.workspace import remedy
 
     ws = Workspace.open(path)
     problems: list[dict[str, str]] = []

@@ -14,8 +14,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from stages.synthetic import moving_disc  # noqa: E402
-from stages.workspace import Workspace  # noqa: E402
+from stages.io.synthetic import moving_disc  # noqa: E402
+from stages.io.workspace import Workspace  # noqa: E402
 
 # Tiny models spend their time in thread hand-offs, not arithmetic: one thread is several times faster.
 torch.set_num_threads(1)
@@ -36,7 +36,7 @@ def make_workspace(path: Path, frames: int = 4, size: int = 64, seed: int = 0) -
 @pytest.fixture(scope="module")
 def tiny():
     """The tiny random model (one per test module, so installed attention processors never leak across files)."""
-    from stages.models import load_models
+    from stages.models.load import load_models
 
     return load_models("tiny", device="cpu")
 
@@ -44,7 +44,7 @@ def tiny():
 @pytest.fixture
 def loads(tiny, monkeypatch):
     """Make load_models hand out the module's tiny model; the list counts the loads (by spec)."""
-    import stages.models
+    import stages.models.load
 
     calls: list[str] = []
 
@@ -52,14 +52,14 @@ def loads(tiny, monkeypatch):
         calls.append(spec)
         return tiny
 
-    monkeypatch.setattr(stages.models, "load_models", fake_load)
+    monkeypatch.setattr(stages.models.load, "load_models", fake_load)
     return calls
 
 
 @pytest.fixture
 def interrupt_invert(monkeypatch):
     """Make the next `vd invert` in this process stop with Ctrl-C right after committing its first step."""
-    import stages.invert
+    import stages.invert.run
 
     calls: list[int] = []
 
@@ -68,7 +68,7 @@ def interrupt_invert(monkeypatch):
         if len(calls) == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(stages.invert, "_test_delay", interrupt_after_first_step)
+    monkeypatch.setattr(stages.invert.run, "_test_delay", interrupt_after_first_step)
     return calls
 
 

@@ -56,8 +56,8 @@ clips:
 
 
 def write_clips(folder: Path, frames: int = 4, size: int = 64) -> Path:
-    from stages.synthetic import moving_disc
-    from stages.video import write_mp4
+    from stages.io.synthetic import moving_disc
+    from stages.io.video import write_mp4
 
     (folder / "clips").mkdir(parents=True, exist_ok=True)
     for seed, name in enumerate("abc"):
@@ -75,7 +75,7 @@ def report(result) -> dict:
 
 
 def arrays(ws: Path, edits: list[str]) -> dict[str, np.ndarray]:
-    from stages.workspace import Workspace
+    from stages.io.workspace import Workspace
 
     w = Workspace.open(ws)
     names = ["video/frames", "masks/edit", "inversion/latents", "inversion/null_embeddings",
@@ -100,16 +100,16 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clean(folder):
     """The 4-clip manifest (one clip missing) run once with the local engine, 2 workers, loads counted."""
-    import stages.models
+    import stages.models.load
 
-    real, loads = stages.models.load_models, []
+    real, loads = stages.models.load.load_models, []
 
     def counting(spec, **kw):
         loads.append(spec)
         return real(spec, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(stages.models, "load_models", counting)
+        mp.setattr(stages.models.load, "load_models", counting)
         r = batch(folder / "m.yaml", "--out", folder / "local", "--workers", 2, "--threads-per-worker", 1,
                   "-q", "--json")
     return folder / "local", r, loads
@@ -200,7 +200,7 @@ def s3(monkeypatch):
 
 
 def test_out_on_s3_syncs_after_each_stage_and_resumes_elsewhere(s3, folder, tmp_path):
-    from stages.storage import MARKER, Storage
+    from stages.io.storage import MARKER, Storage
 
     s3.put_file(str(folder / "clips" / "a.mp4"), "vd-test/clips/a.mp4")
     manifest = tmp_path / "s3.yaml"
@@ -228,7 +228,7 @@ def test_out_on_s3_syncs_after_each_stage_and_resumes_elsewhere(s3, folder, tmp_
 
 
 def test_issue_example_manifest(tmp_path):
-    from stages.manifest import load_manifest
+    from stages.batch.manifest import load_manifest
 
     write_clips(tmp_path, frames=8, size=128)
     (tmp_path / "m.yaml").write_text(EXAMPLE)
@@ -239,14 +239,14 @@ def test_issue_example_manifest(tmp_path):
     assert plan.invert.subject == "red disc" and plan.edit_names == ["blue-cube", "green"]
     r = batch(tmp_path / "m.yaml", "--out", tmp_path / "runs", "--only", "mask", "-q", "--json")
     assert r.exit_code == 0, r.output
-    from stages.workspace import Workspace
+    from stages.io.workspace import Workspace
 
     raw = Workspace.open(tmp_path / "runs" / "a.vd").read("masks/raw")
     assert raw.shape == (8, 128, 128) and int(raw.sum()) == 8 * 60 * 60
 
 
 def test_jsonl_manifest(tmp_path):
-    from stages.manifest import load_manifest
+    from stages.batch.manifest import load_manifest
 
     (tmp_path / "m.jsonl").write_text('{"defaults": {"model": "tiny", "invert": {"steps": 3}}}\n'
                                       '{"clip": "x/a.mp4", "prompt": "a dog", "box": "1,1,9,9", "box_only": true}\n'
@@ -282,7 +282,7 @@ def test_bad_manifest_is_one_error_and_runs_nothing(tmp_path, text, message):
 
 
 def test_bad_options_and_retry_of_transient_failures(folder, tmp_path, monkeypatch):
-    from stages import batch as B
+    from stages.batch import run as B
 
     r = batch(folder / "m.yaml", "--engine", "spark")
     assert r.exit_code == 2 and "--engine" in r.stderr
@@ -306,7 +306,7 @@ def test_bad_options_and_retry_of_transient_failures(folder, tmp_path, monkeypat
 
 
 def test_interrupted_sync_never_hands_out_half_uploaded_stages(tmp_path):
-    from stages.storage import MARKER, Storage
+    from stages.io.storage import MARKER, Storage
 
     url = f"file://{tmp_path / 'remote' / 'a.vd'}"
     node1 = Storage(url, tmp_path / "node1")

@@ -21,7 +21,7 @@ import pytest
 import zarr
 
 import model_files
-from stages.synthetic import moving_disc
+from stages.io.synthetic import moving_disc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a red disc on a textured wall"
@@ -60,7 +60,7 @@ def formats(tmp_path_factory) -> dict[str, tuple[str, dict[str, str]]]:
 @pytest.fixture(scope="module")
 def masked(tmp_path_factory) -> Path:
     """A workspace made by `vd mask` in its own process from a generated mp4."""
-    from stages.video import write_mp4
+    from stages.io.video import write_mp4
 
     root = tmp_path_factory.mktemp("clip")
     video, _ = moving_disc(4, 64, 64, seed=3)

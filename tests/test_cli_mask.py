@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from stages import video as vid
-from stages.synthetic import moving_disc
+from stages.io import video as vid
+from stages.io.synthetic import moving_disc
 from vdcli.app import app
 
 runner = CliRunner()

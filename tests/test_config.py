@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from stages.config import build_config, changed_settings, config_hash, preset_names, preset_section
-from stages.errors import InputError
+from stages.common.config import build_config, changed_settings, config_hash, preset_names, preset_section
+from stages.common.errors import InputError
 
 
 @dataclass

@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from stages.workspace import Workspace
+from stages.io.workspace import Workspace
 from vdcli.app import app
 
 

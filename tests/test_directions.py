@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-import stages.control.editing as editing
+import stages.method.control.editing as editing
 from conftest import make_workspace
 from fake_unet import FakeEditUNet, fake_inversion
-from stages.edit import EditConfig, edit_latents, plan_edit
-from stages.progress import Progress
+from stages.edit.run import EditConfig, edit_latents, plan_edit
+from stages.common.progress import Progress
 
 FRAMES, STEPS = 2, 5
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import make_workspace
-from stages.edit import EditConfig, edit_latents, load_inversion_for_edit, plan_edit, run_edit, run_edits
-from stages.errors import InputError
-from stages.progress import Progress
-from stages.workspace import Workspace
+from stages.edit.run import EditConfig, edit_latents, load_inversion_for_edit, plan_edit, run_edit, run_edits
+from stages.common.errors import InputError
+from stages.common.progress import Progress
+from stages.io.workspace import Workspace
 
 SOURCE = "A brown bear, walking on rocky terrain, next to a stone wall."
 STEPS = 3
@@ -22,7 +22,7 @@ STEPS = 3
 
 def invert(ws, models, subject: str | None = "brown bear", steps: int = STEPS, **kw) -> None:
     """A real (tiny) `vd invert`: DDIM inversion, null-text optimisation with STDG, reconstruction."""
-    from stages.invert import InvertConfig, run_invert
+    from stages.invert.run import InvertConfig, run_invert
 
     run_invert(ws, InvertConfig(prompt=SOURCE, subject=subject, model="tiny", steps=steps, null_steps=2, **kw),
                Progress(quiet=True), models=models)
@@ -99,7 +99,7 @@ def test_background_edit_masks_the_inverse_region(inverted, tiny):
 def test_local_blend_keeps_the_outside_at_the_source(inverted, tiny, monkeypatch):
     # The tiny model's random cross-attention maps are nearly uniform, so the word mask (unit-tested in
     # test_editing_attention) covers everything here; pin it to the left half to check the blending itself.
-    import stages.control.editing as editing
+    import stages.method.control.editing as editing
 
     ws, _ = inverted
     z0 = torch.from_numpy(load_inversion_for_edit(ws).latents[0])

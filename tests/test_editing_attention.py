@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.control.controller import AttentionController
-from stages.control.editing import (EditAttention, KeyMasks, LocalBlend, in_blocks, layer_hw, p2p_maps, sa1_layers,
+from stages.method.control.controller import AttentionController
+from stages.method.control.editing import (EditAttention, KeyMasks, LocalBlend, in_blocks, layer_hw, p2p_maps, sa1_layers,
                                     sa1_attention, sa2_attention)
-from stages.prompts import cross_plan
-from stages.tokenizer import clip_tokenizer
+from stages.method.prompts import cross_plan
+from stages.models.tokenizer import clip_tokenizer
 
 FR, HEADS, D = 3, 2, 8
 

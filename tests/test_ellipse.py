@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from stages.ellipse import Ellipse, edit_masks, ellipse_mask, fill_ellipse, fit_ellipse, largest_component
+from stages.method.ellipse import Ellipse, edit_masks, ellipse_mask, fill_ellipse, fit_ellipse, largest_component
 
 
 def rasterise(shape, row, col, semi_major, semi_minor, angle_deg):
-    """Pixels whose centres satisfy the ellipse equation (written independently of stages.ellipse)."""
+    """Pixels whose centres satisfy the ellipse equation (written independently of stages.method.ellipse)."""
     rows, cols = np.indices(shape)
     t = np.deg2rad(angle_deg)
     x, y = cols - col, rows - row

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from stages import guidance as g
-from stages.control.controller import AttentionController, install
-from stages.control.record import Recorder, StopForward, cut_graph_after, stdg_layers
+from stages.method import guidance as g
+from stages.method.control.controller import AttentionController, install
+from stages.method.control.record import Recorder, StopForward, cut_graph_after, stdg_layers
 
 T1 = "up_blocks.1.motion_modules.0.transformer_blocks.0.attn1"
 T2 = "up_blocks.2.motion_modules.1.transformer_blocks.0.attn2"
@@ -105,7 +105,7 @@ def test_parse_coefficients_rejects_malformed_values():
 
 @pytest.fixture(scope="module")
 def models():
-    from stages.models import load_models
+    from stages.models.load import load_models
 
     return load_models("tiny", device="cpu")
 
@@ -116,7 +116,7 @@ def controller(models):
 
 
 def _ins(models, frames=4, seed=0, dtype=torch.float32):
-    from stages.models import encode_text
+    from stages.models.load import encode_text
 
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(1, frames, 4, 8, 8, generator=gen).to(dtype)
@@ -132,7 +132,7 @@ def test_stdg_layers_are_found_by_name(controller):
 
 
 def test_recording_keeps_the_unet_output_and_truncation_stops_after_the_last_layer(models, controller):
-    from stages.models import unet_eps
+    from stages.models.load import unet_eps
 
     temporal, spatial = stdg_layers(controller.names)
     z, emb = _ins(models)
@@ -197,7 +197,7 @@ def _check_layout(models, controller, mm, st):
 
 
 def test_stdg_gradient_matches_finite_differences_and_the_sum_of_components(models, controller):
-    from stages.invert import STDG, Passes
+    from stages.invert.run import STDG, Passes
 
     models.unet.double()
     try:
@@ -234,7 +234,7 @@ def test_stdg_gradient_matches_finite_differences_and_the_sum_of_components(mode
 
 
 def test_cut_graph_after_leaves_the_output_unchanged(models):
-    from stages.models import unet_eps
+    from stages.models.load import unet_eps
 
     z, emb = _ins(models, seed=4)
     z.requires_grad_(True)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import make_workspace
-from stages import ddim
-from stages.errors import InputError, Interrupted
-from stages.invert import InvertConfig, PhaseTimer, load_inversion, run_invert
-from stages.progress import Progress
+from stages.method import ddim
+from stages.common.errors import InputError, Interrupted
+from stages.invert.run import InvertConfig, PhaseTimer, load_inversion, run_invert
+from stages.common.progress import Progress
 
 S, NULL = 3, 2
 
@@ -25,7 +25,7 @@ def _cfg(**kw) -> InvertConfig:
 
 @pytest.fixture(scope="module")
 def models():
-    from stages.models import load_models
+    from stages.models.load import load_models
 
     return load_models("tiny", device="cpu")
 
@@ -66,7 +66,7 @@ def test_ddim_inverse_step_and_step_are_exact_inverses_for_the_same_eps(schedule
 
 
 def test_stored_arrays_have_the_schema_shapes_and_dtypes(inverted, models):
-    from stages.models import vae_encode
+    from stages.models.load import vae_encode
 
     ws, result = inverted
     F, D = 4, models.text_dim
@@ -120,7 +120,7 @@ def test_counts_follow_the_compute_rules(inverted):
 
 
 def test_replaying_the_stored_null_text_and_guidance_lands_on_the_stored_reconstruction(inverted, models):
-    from stages.models import encode_text, unet_eps
+    from stages.models.load import encode_text, unet_eps
 
     ws, _ = inverted
     inv = load_inversion(ws)

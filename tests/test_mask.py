@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import video as vid
-from stages.errors import InputError, UsageError
-from stages.mask import MaskConfig, import_mask_dir, import_mask_video, run_mask
-from stages.synthetic import moving_disc
-from stages.workspace import Workspace
+from stages.io import video as vid
+from stages.common.errors import InputError, UsageError
+from stages.mask.run import MaskConfig, import_mask_dir, import_mask_video, run_mask
+from stages.io.synthetic import moving_disc
+from stages.io.workspace import Workspace
 
 SOURCE_FRAMES, SRC_H, SRC_W = 12, 96, 128
 
@@ -175,7 +175,7 @@ def test_image_folder_and_gif_clips(tmp_path, disc):
 
 
 def test_mask_preview_outlines_the_mask_in_white_whatever_the_object_colour():
-    from stages.mask import preview_frames
+    from stages.mask.run import preview_frames
 
     frames = np.zeros((1, 32, 32, 3), np.uint8)
     frames[..., 0] = 255  # a red scene: a red tint would be invisible

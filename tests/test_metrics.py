@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from stages import metrics as M
-from stages.errors import InputError
+from stages.quality import metrics as M
+from stages.common.errors import InputError
 
 
 def _texture(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""stages.models / stages.tokenizer / `vd models`: tiny model, tokenizer ids, shapes, per-frame GroupNorm,
+"""stages.models.load / stages.models.tokenizer / `vd models`: tiny model, tokenizer ids, shapes, per-frame GroupNorm,
 and the real loading paths exercised on tiny checkpoints written in the real on-disk formats."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from stages import models as M
-from stages.errors import InputError, ModelMissingError, UsageError
-from stages.synthetic import moving_disc
-from stages.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, clip_tokenizer
+from stages.models import load as M
+from stages.common.errors import InputError, ModelMissingError, UsageError
+from stages.io.synthetic import moving_disc
+from stages.models.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, clip_tokenizer
 
 import model_files
 
@@ -115,7 +115,7 @@ def test_unet_eps_rows_are_batch_major_and_gradients_flow(tiny):
 
 
 def test_cfg_does_not_explode(tiny):
-    from stages.ddim import cfg, ddim_step, make_schedule
+    from stages.method.ddim import cfg, ddim_step, make_schedule
 
     emb = M.encode_text(tiny, ["a majestic red dragon flying over snowy mountains", ""])
     cond, uncond = emb[0:1].repeat(4, 1, 1), emb[1:2].repeat(4, 1, 1)
@@ -292,7 +292,7 @@ def test_cli_models_json(tmp_path, monkeypatch, tiny_parts):
     monkeypatch.setenv("VD_MOTION_ADAPTER", str(tmp_path / "mm.ckpt"))
     sam2_names = [c["name"].removeprefix("sam2-") for c in sam2]
     if "tiny" in sam2_names:
-        from stages.sam2_track import SAM2_CHECKPOINTS
+        from stages.models.sam2_track import SAM2_CHECKPOINTS
 
         (tmp_path / "sam2").mkdir()
         (tmp_path / "sam2" / SAM2_CHECKPOINTS["tiny"].filename).write_bytes(b"x")
@@ -311,7 +311,7 @@ def test_cli_models_json(tmp_path, monkeypatch, tiny_parts):
 
 FINGERPRINT_SCRIPT = """
 import sys
-from stages.models import load_models
+from stages.models.load import load_models
 print(load_models(sys.argv[1], device="cpu", motion_adapter=sys.argv[2]).fingerprint)
 """
 

@@ -20,8 +20,8 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from stages import fetch
-from stages.fetch import TARGETS, HubFile, UrlFile
+from stages.models import fetch
+from stages.models.fetch import TARGETS, HubFile, UrlFile
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = hashlib.sha1(b"vd-test-commit").hexdigest()
@@ -131,7 +131,7 @@ def standin(name: str, size: int = 3000) -> bytes:
 def tiny_repo_files(tmp: Path) -> tuple[dict[tuple[str, str], bytes], dict[str, object]]:
     """The tiny model's real files under the SD1.5 / motion-adapter repo names (so they can be loaded), and
     the components they were saved from."""
-    from stages.models import _build_random
+    from stages.models.load import _build_random
 
     unet2d, adapter, vae, text, _ = _build_random("tiny", 0)
     for sub, model in (("unet", unet2d), ("vae", vae), ("text_encoder", text)):
@@ -252,7 +252,7 @@ def test_get_resumes_verifies_and_models_finds_them(server, tmp_path, monkeypatc
     assert hub.gets() == []
 
     # the existing loaders accept the partial snapshots (snapshot_download(local_files_only=True) included)
-    import stages.models as M
+    import stages.models.load as M
 
     assert M._hub_snapshot(M.SD15_REPO) is not None
     models = M.load_models(M.DEFAULT_SPEC, device="cpu")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.errors import InputError
-from stages.prompts import (changed_words, cross_plan, equalizer, global_align, refinement_mapper,
+from stages.common.errors import InputError
+from stages.method.prompts import (changed_words, cross_plan, equalizer, global_align, refinement_mapper,
                             resolve_prompt, slug, token_ids, word_positions)
-from stages.tokenizer import clip_tokenizer
+from stages.models.tokenizer import clip_tokenizer
 
 BEAR = "A brown bear, walking on rocky terrain, next to a stone wall."
 TIGER = "A tiger, walking on rocky terrain, next to a stone wall."

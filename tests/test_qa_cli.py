@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import make_workspace
-from stages import video as vid
-from stages.errors import Interrupted
-from stages.synthetic import moving_disc
+from stages.io import video as vid
+from stages.common.errors import Interrupted
+from stages.io.synthetic import moving_disc
 from test_edit import invert
 from test_eval import build
 from vdcli.app import app
@@ -44,12 +44,12 @@ def inverted(tiny, tmp_path_factory):
 @pytest.fixture
 def no_load(monkeypatch):
     """Fail the test if a command gets as far as loading a model."""
-    import stages.models
+    import stages.models.load
 
     def refuse(*a, **k):
         raise AssertionError("the model was loaded although the input is invalid")
 
-    monkeypatch.setattr(stages.models, "load_models", refuse)
+    monkeypatch.setattr(stages.models.load, "load_models", refuse)
 
 
 def test_edit_refuses_names_that_eval_reserves(inverted, no_load):
@@ -75,7 +75,7 @@ def test_info_counts_inversion_steps_not_done_flags(inverted, tmp_path):
     assert "2/2 steps" in human and "reconstruction PSNR" in human
     partial = tmp_path / "partial"
     shutil.copytree(inverted.path, partial)
-    from stages.workspace import Workspace
+    from stages.io.workspace import Workspace
 
     ws = Workspace.open(partial)
     done = ws.read("inversion/done")
@@ -103,14 +103,14 @@ def test_compare_skips_workspaces_with_nothing_to_evaluate(tmp_path):
 
 
 def test_demo_interrupt_says_start_over_not_resume(tmp_path, monkeypatch):
-    import stages.invert
-    import stages.models
+    import stages.invert.run
+    import stages.models.load
 
     def interrupted(*a, **k):
         raise Interrupted("interrupted; 0 of 3 null-text steps are saved, rerun the same command to resume")
 
-    monkeypatch.setattr(stages.models, "load_models", lambda *a, **k: None)
-    monkeypatch.setattr(stages.invert, "run_invert", interrupted)
+    monkeypatch.setattr(stages.models.load, "load_models", lambda *a, **k: None)
+    monkeypatch.setattr(stages.invert.run, "run_invert", interrupted)
     r = vd("demo", tmp_path / "d", "--model", "tiny", "--frames", "4", "--size", "64", "-q")
     one_line_error(r, 130, "start it over")
     assert "resume" not in r.stderr

@@ -19,8 +19,8 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import make_workspace
-from stages import stagelock
-from stages.workspace import Workspace
+from stages.io import locks as stagelock
+from stages.io.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a red disc on a textured wall"

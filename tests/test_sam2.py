@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages import sam2_track as st
-from stages.errors import InputError, ModelMissingError, UsageError
-from stages.synthetic import moving_disc
+from stages.models import sam2_track as st
+from stages.common.errors import InputError, ModelMissingError, UsageError
+from stages.io.synthetic import moving_disc
 
 
 @pytest.fixture

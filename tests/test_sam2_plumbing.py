@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from stages import sam2_track
-from stages import video as vid
-from stages.mask import MaskConfig, run_mask
-from stages.workspace import Workspace
+from stages.models import sam2_track
+from stages.io import video as vid
+from stages.mask.run import MaskConfig, run_mask
+from stages.io.workspace import Workspace
 
 FRAMES, OUT_W, OUT_H = 5, 128, 64
 MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]

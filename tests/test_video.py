@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import video as vid
-from stages.errors import InputError, UsageError
-from stages.synthetic import moving_disc
+from stages.io import video as vid
+from stages.common.errors import InputError, UsageError
+from stages.io.synthetic import moving_disc
 
 
 def write_with_pyav(path: Path, frames: np.ndarray, fps: int, codec: str, pix_fmt: str) -> Path:
-    """An independent writer (not stages.video) so decoding is tested against other encoders too."""
+    """An independent writer (not stages.io.video) so decoding is tested against other encoders too."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_workspace
-from stages.windows import Windows, blend, plan_windows
+from stages.method.windows import Windows, blend, plan_windows
 from vdcli.app import app
 
 runner = CliRunner()
@@ -59,8 +59,8 @@ def test_blend_mixes_per_frame_and_one_window_is_untouched():
 
 def test_windowed_null_text_gradient_equals_the_whole_clip_gradient(tiny):
     """Two identical windows (weights 1/2 each) must reproduce the one-window loss and phi gradient."""
-    from stages import ddim
-    from stages.invert import Passes, _null_text_backward_windowed
+    from stages.method import ddim
+    from stages.invert.run import Passes, _null_text_backward_windowed
 
     F_ = 3
     g = torch.Generator().manual_seed(0)
@@ -114,8 +114,8 @@ def test_window_as_large_as_the_clip_is_the_single_window_path(tmp_path, loads):
 
 def test_long_clip_through_every_stage_with_resume(tmp_path, loads, interrupt_invert):
     """40 frames in windows of 8 (overlap 2): mask -> invert (interrupted, resumed) -> edit -> eval."""
-    from stages.synthetic import moving_disc
-    from stages.video import write_mp4
+    from stages.io.synthetic import moving_disc
+    from stages.io.video import write_mp4
 
     video, _ = moving_disc(40, 64, 64, seed=2)
     write_mp4(tmp_path / "long.mp4", video, 8)
@@ -131,7 +131,7 @@ def test_long_clip_through_every_stage_with_resume(tmp_path, loads, interrupt_in
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["resumed_from"] == 1
 
-    from stages.workspace import Workspace
+    from stages.io.workspace import Workspace
 
     ws = Workspace.open(ws_path)
     attrs = ws.group_attrs("inversion")

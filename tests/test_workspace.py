@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.errors import InputError
-from stages.workspace import SCHEMA, Workspace, check_name
+from stages.common.errors import InputError
+from stages.io.workspace import SCHEMA, Workspace, check_name
 
 
 def test_create_writes_schema_and_source(tmp_path):

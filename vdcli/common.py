@@ -12,8 +12,8 @@ import typer
 from typer.core import TyperGroup
 from typer.core import _click as click  # the click Typer runs on (its own vendored copy in typer >= 0.24)
 
-from stages.errors import Interrupted, VdError
-from stages.progress import Progress
+from stages.common.errors import Interrupted, VdError, first_line
+from stages.common.progress import Progress
 
 class OneLineErrors(TyperGroup):
     """The `vd` group: usage errors (unknown option, missing argument, `--steps five`) print one line
@@ -68,7 +68,7 @@ def fail(message: str, code: int) -> None:
 def run(work: Callable[[Progress], dict[str, Any]], json_out: bool, quiet: bool,
         human: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run a stage with user-facing error handling; print JSON or the human summary."""
-    from stages.quiet import silence_libraries
+    from stages.common.quiet import silence_libraries
 
     silence_libraries()
     progress = Progress(quiet=quiet)
@@ -77,16 +77,15 @@ def run(work: Callable[[Progress], dict[str, Any]], json_out: bool, quiet: bool,
     except Interrupted as exc:
         fail(str(exc), exc.exit_code)
     except VdError as exc:
-        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
+        fail(first_line(exc), exc.exit_code)
     except KeyboardInterrupt:
         fail("interrupted; finished work is kept in the workspace, rerun to resume", 130)
     except Exception as exc:  # unexpected: keep it one line unless debugging
         if os.environ.get("VD_DEBUG"):
             traceback.print_exc()
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        fail(f"unexpected {type(exc).__name__}: {first} (set VD_DEBUG=1 for a traceback)", 1)
+        fail(f"unexpected {type(exc).__name__}: {first_line(str(exc))} (set VD_DEBUG=1 for a traceback)", 1)
     if json_out:
-        from stages.workspace import json_safe
+        from stages.io.workspace import json_safe
 
         print(json.dumps(json_safe(result), indent=2, default=str, allow_nan=False), flush=True)
     elif human is not None:

@@ -51,8 +51,8 @@ def batch_command(
     """
 
     def work(progress: Any) -> dict[str, Any]:
-        from stages.batch import STAGES, BatchOptions, check_options, run_batch
-        from stages.manifest import load_manifest
+        from stages.batch.run import STAGES, BatchOptions, check_options, run_batch
+        from stages.batch.manifest import load_manifest
 
         stages = [s.strip() for s in only.split(",") if s.strip()] if only else list(STAGES)
         opts = BatchOptions(engine=engine, address=address, workers=workers, gpus_per_worker=gpus_per_worker,

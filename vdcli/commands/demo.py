@@ -50,7 +50,7 @@ def demo(
 
     def work(progress: Any) -> dict[str, Any]:
         from stages.demo import DemoConfig, run_demo
-        from stages.errors import UsageError
+        from stages.common.errors import UsageError
 
         limits = {"frames": (frames, 1, 256), "size": (size, 64, 2048), "steps": (steps, 2, 1000),
                   "null-steps": (null_steps, 1, 10000)}

@@ -15,7 +15,7 @@ _IN, _METHOD, _OUT, _RUN = "Input", "Method", "Output", "Runtime"
 
 def parse_reweight(items: list[str] | None) -> dict[str, float]:
     """["tiger=2", "white=0.5"] -> {"tiger": 2.0, "white": 0.5}; malformed -> UsageError."""
-    from stages.errors import UsageError
+    from stages.common.errors import UsageError
 
     out: dict[str, float] = {}
     for item in items or []:
@@ -34,7 +34,7 @@ def parse_reweight(items: list[str] | None) -> dict[str, float]:
 
 def read_prompt_file(path: Path) -> list[str]:
     """Prompts, one per line; blank lines and # comments skipped."""
-    from stages.errors import InputError
+    from stages.common.errors import InputError
 
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -102,9 +102,9 @@ def edit_command(
     """
 
     def work(progress: Any) -> dict[str, Any]:
-        from stages.config import build_config, options, preset_section
-        from stages.errors import UsageError
-        from stages.workspace import Workspace
+        from stages.common.config import build_config, options, preset_section
+        from stages.common.errors import UsageError
+        from stages.io.workspace import Workspace
 
         if (prompt is None) == (prompt_file is None):
             raise UsageError("give exactly one of --prompt TEXT or --prompt-file FILE")
@@ -121,7 +121,7 @@ def edit_command(
             "output": str(output) if output else None, "force": force or None, "device": device, "dtype": dtype,
         }
         section = preset_section(preset, "edit")
-        from stages.edit import EditConfig, run_edits  # torch: after the cheap checks
+        from stages.edit.run import EditConfig, run_edits  # torch: after the cheap checks
 
         cfgs = [build_config(EditConfig, section, options(flags), options({"prompt": p})) for p in prompts]
         results = run_edits(ws, cfgs, progress)

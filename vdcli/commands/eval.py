@@ -69,8 +69,8 @@ def eval_command(
     """
 
     def work(progress: Any) -> dict[str, Any]:
-        from stages.errors import UsageError
-        from stages.evaluate import EvalConfig, compare as compare_all, parse_metrics, run_eval
+        from stages.common.errors import UsageError
+        from stages.evaluate.run import EvalConfig, compare as compare_all, parse_metrics, run_eval
 
         if all_edits and edit:
             raise UsageError("--all and --edit contradict each other; use one")
@@ -84,8 +84,8 @@ def eval_command(
                             pickscore=pickscore, amt=amt, device=device, plot=plot)
         if compare:
             return compare_all(workspaces, config, progress, force=force)
-        from stages import stagelock
-        from stages.workspace import Workspace
+        from stages.io import locks as stagelock
+        from stages.io.workspace import Workspace
 
         ws = Workspace.open(workspaces[0])
         with stagelock.scope():  # frames and masks must not change (vd mask) while they are scored
@@ -148,7 +148,7 @@ def _edits_table(columns: dict[str, dict[str, Any]], title: str, seen: list[tupl
 def _print_eval(result: dict[str, Any]) -> None:
     from rich.console import Console
 
-    from stages.evaluate import RECON
+    from stages.evaluate.run import RECON
 
     console = Console()
     items = result["items"]
@@ -170,7 +170,7 @@ def _print_eval(result: dict[str, Any]) -> None:
 def print_compare(result: dict[str, Any]) -> None:
     from rich.console import Console
 
-    from stages.evaluate import RECON
+    from stages.evaluate.run import RECON
 
     console = Console()
     groups = result["groups"]

@@ -100,14 +100,14 @@ def invert_command(
     """
 
     def work(progress: Any) -> dict[str, Any]:
-        from stages.errors import UsageError
-        from stages.invert import resolve_config, run_invert
-        from stages.config import options, preset_section
-        from stages.workspace import Workspace
+        from stages.common.errors import UsageError
+        from stages.invert.run import resolve_config, run_invert
+        from stages.common.config import options, preset_section
+        from stages.io.workspace import Workspace
 
         coefficients = None
         if stdg is not None:
-            from stages.guidance import parse_coefficients  # torch: imported only when needed
+            from stages.method.guidance import parse_coefficients  # torch: imported only when needed
 
             try:
                 coefficients = list(parse_coefficients(stdg))

@@ -59,8 +59,8 @@ def mask(
     """
 
     def work(progress):  # type: ignore[no-untyped-def]
-        from stages.config import build_config, options
-        from stages.mask import MaskConfig, parse_frames, run_mask
+        from stages.common.config import build_config, options
+        from stages.mask.run import MaskConfig, parse_frames, run_mask
 
         config = build_config(MaskConfig, options(dict(
             frames=parse_frames(frames), size=size, start=start, stride=stride, fps=fps, sample=sample, resize=resize,

@@ -37,7 +37,7 @@ def _human(result: dict[str, Any]) -> None:
 
 
 def _human_get(result: dict[str, Any]) -> None:
-    from stages.fetch import human_size
+    from stages.models.fetch import human_size
 
     for item in result["files"]:
         if item["status"] == "skipped":
@@ -51,8 +51,8 @@ def _human_get(result: dict[str, Any]) -> None:
 
 
 def _status() -> dict[str, Any]:
-    from stages.fetch import eval_status
-    from stages.models import models_status
+    from stages.models.fetch import eval_status
+    from stages.models.load import models_status
 
     result = models_status()
     for comp in result["components"]:
@@ -88,13 +88,13 @@ def models_command(
         return
 
     def work(progress: Any) -> dict[str, Any]:
-        from stages.fetch import DownloadFailed, get as fetch
+        from stages.models.fetch import DownloadFailed, get as fetch
 
         try:
             return fetch(names or [], progress)
         except DownloadFailed as exc:
             if json_out:  # per-file results on stdout even when some failed; the one-line error follows
-                from stages.workspace import json_safe
+                from stages.io.workspace import json_safe
 
                 print(json.dumps(json_safe(exc.result), indent=2, default=str), flush=True)
             raise

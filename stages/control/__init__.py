@@ -1,5 +1,0 @@
-"""Attention control: one controller per UNet, processors keyed by module name (see controller.py)."""
-
-from stages.control.controller import AttentionController, Handler, install, module_kind
-
-__all__ = ["AttentionController", "Handler", "install", "module_kind"]

@@ -1,0 +1,376 @@
+"""Stage `vd mask`: clip -> workspace with video/frames, masks/raw, masks/edit and masks/preview.gif.
+
+Everything that can fail on user input (options, the clip, the masks, SAM2 weights, the target
+workspace) is checked before the workspace is touched, so a failed run leaves nothing half-written.
+A rerun on the same clip and frame selection reuses the workspace and replaces only video/ and masks/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.io import locks as stagelock
+
+from stages.io import video as vid
+from stages.method.ellipse import edit_masks
+from stages.common.errors import InputError, UsageError
+from stages.common.progress import Progress
+from stages.io.workspace import LOCK_DIR, Workspace
+from stages.common.errors import first_line
+
+LATER_STAGES = ("inversion", "edits", "eval")
+ALL_FRAMES = 0  # --frames all
+
+
+@dataclass
+class MaskConfig:
+    """Options of `vd mask` (see notes/readme-mask.md)."""
+
+    frames: int = 16  # 0: all (--frames all)
+    size: str = "512"
+    start: int = 0
+    stride: int | None = None
+    fps: float | None = None
+    sample: str = "stride"
+    resize: str = "crop"
+    points: list[str] = field(default_factory=list)  # "X,Y" or "X,Y,LABEL" in output pixels
+    box: str | None = None  # "X0,Y0,X1,Y1" in output pixels
+    prompt_frame: int = 0
+    sam2: str = "auto"  # tiny|small|base_plus|large|auto|random|PATH
+    device: str = "auto"
+    mask_dir: str | None = None
+    mask_video: str | None = None
+    box_only: bool = False
+    ellipse: bool = True
+    force: bool = False
+
+
+# ----------------------------------------------------------------------------------- prompts
+def parse_point(text: str) -> tuple[float, float, int]:
+    """'X,Y' or 'X,Y,LABEL' (label 1 = object, 0 = background) -> (x, y, label)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        x, y = float(parts[0]), float(parts[1])
+        label = int(parts[2]) if len(parts) == 3 else 1
+    except ValueError:
+        raise UsageError(f"--point {text!r} must be X,Y or X,Y,LABEL (numbers; LABEL 1 object, 0 background)") from None
+    if label not in (0, 1) or not (math.isfinite(x) and math.isfinite(y)):
+        raise UsageError(f"--point {text!r}: LABEL must be 1 (object) or 0 (background)")
+    return x, y, label
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """'X0,Y0,X1,Y1' -> floats with X0 < X1 and Y0 < Y1."""
+    try:
+        values = tuple(float(p) for p in str(text).split(","))
+        if len(values) != 4 or not all(math.isfinite(v) for v in values):
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--box {text!r} must be X0,Y0,X1,Y1 (four numbers)") from None
+    x0, y0, x1, y1 = values
+    if x1 <= x0 or y1 <= y0:
+        raise UsageError(f"--box {text!r}: need X0 < X1 and Y0 < Y1")
+    return x0, y0, x1, y1
+
+
+def check_prompts_inside(points: list[tuple[float, float, int]], box: tuple[float, ...] | None,
+                          height: int, width: int) -> None:
+    for x, y, _ in points:
+        if not (0 <= x < width and 0 <= y < height):
+            raise InputError(f"--point {x:g},{y:g} is outside the {width}x{height} output frame "
+                             f"(coordinates are in output pixels)")
+    if box is not None:
+        x0, y0, x1, y1 = box
+        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+            raise InputError(f"--box {x0:g},{y0:g},{x1:g},{y1:g} is outside the {width}x{height} output frame "
+                             f"(coordinates are in output pixels)")
+
+
+def box_mask(box: tuple[float, float, float, float], frames: int, height: int, width: int) -> np.ndarray:
+    """The same filled rectangle on every frame (uint8 0/1)."""
+    x0, y0, x1, y1 = box
+    mask = np.zeros((frames, height, width), np.uint8)
+    mask[:, int(math.floor(y0)):int(math.ceil(y1)), int(math.floor(x0)):int(math.ceil(x1))] = 1
+    return mask
+
+
+# ----------------------------------------------------------------------------------- imports
+def _mask_from_image(path: Path) -> np.ndarray:
+    """Any non-zero colour (palette index for paletted PNGs) is the object; alpha is ignored."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("RGBA", "LA", "PA"):
+                img = img.convert("RGB" if img.mode == "RGBA" else "L")
+            data = np.asarray(img)
+    except Exception as exc:
+        raise InputError(f"mask {path} is not a readable image ({first_line(exc)})") from None
+    return (data.reshape(data.shape[0], data.shape[1], -1) != 0).any(axis=-1)
+
+
+def _fit_masks(masks: np.ndarray, clip: vid.LoadedClip, origin: str) -> np.ndarray:
+    """Bring (F, h, w) 0/1 masks to the output size with the frames' crop/pad, or accept them as is."""
+    src = tuple(clip.source["source_size"])
+    out = tuple(clip.source["size"])
+    shape = tuple(masks.shape[1:3])
+    if shape == src:
+        return vid.resize_frames(masks.astype(np.uint8), out, clip.source["resize"], nearest=True)
+    if shape == out:
+        return masks.astype(np.uint8)
+    raise InputError(f"{origin} masks are {shape[1]}x{shape[0]}; expected the clip's {src[1]}x{src[0]} "
+                     f"or the output {out[1]}x{out[0]}")
+
+
+def import_mask_dir(folder: str | Path, clip: vid.LoadedClip) -> np.ndarray:
+    """Masks from a PNG folder: one per sampled frame, or one per source frame (sampled like the clip)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"mask folder {folder} not found")
+    files = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".png"),
+                   key=lambda p: vid.natural_key(p.name))
+    if not files:
+        raise InputError(f"mask folder {folder} has no .png files")
+    indices = clip.source["indices"]
+    count = len(indices)
+    if len(files) != count:
+        total = clip.source.get("source_frames")
+        if total is None:
+            total = vid.count_frames(clip.source["path"])
+        if len(files) != total:
+            raise InputError(f"mask folder {folder} has {len(files)} PNGs; expected {count} (one per sampled "
+                             f"frame) or {total} (one per source frame)")
+        files = [files[i] for i in indices]
+    masks = [_mask_from_image(p) for p in files]
+    shapes = {m.shape for m in masks}
+    if len(shapes) > 1:
+        raise InputError(f"masks in {folder} differ in size ({', '.join(f'{w}x{h}' for h, w in sorted(shapes))})")
+    return _fit_masks(np.stack(masks), clip, f"mask folder {folder}:")
+
+
+def import_mask_video(path: str | Path, clip: vid.LoadedClip) -> np.ndarray:
+    """Masks from a video decoded like the clip (same frame indices); grey level > 127 is the object."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"mask video {path} not found")
+    frames, _ = vid.read_frames(path, clip.source["indices"])
+    return _fit_masks(frames.max(axis=-1) > 127, clip, f"mask video {path}:")
+
+
+# ----------------------------------------------------------------------------------- workspace
+def default_workspace(clip: str | Path) -> Path:
+    """<clip stem>.vd in the current directory."""
+    path = Path(clip)
+    stem = path.name if path.is_dir() else path.stem
+    return Path.cwd() / f"{stem or 'clip'}.vd"
+
+
+def _precheck_target(target: Path, sha256: str, force: bool) -> None:
+    """Refuse early (before decoding or tracking) a target that is not ours to overwrite."""
+    if target.exists() and not target.is_dir():
+        raise InputError(f"{target} exists and is not a directory; choose another -o")
+    if not target.is_dir() or not any(p.name != LOCK_DIR for p in target.iterdir()):
+        return  # absent, empty, or only the lock folder a killed `vd mask` left
+    if not (target / "zarr.json").is_file():
+        raise InputError(f"{target} exists and is not a vd workspace; choose another -o")
+    old = Workspace.open(target).attrs.get("source", {})
+    if old.get("sha256") != sha256 and not force:
+        raise InputError(f"workspace {target} was created from another clip ({old.get('path', '?')}); "
+                         f"pass --force to replace it")
+
+
+def _lock_workspace(target: Path) -> None:
+    """`vd mask` rewrites frames and masks (and may remove later stages): the whole workspace, exclusively."""
+    stagelock.hold(target, stagelock.WORKSPACE, "vd mask", f"workspace {target}")
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+def parse_frames(text: str | int) -> int:
+    """--frames N, or 'all' (0: every frame the selection reaches)."""
+    if isinstance(text, int):
+        return text
+    if str(text).strip().lower() == "all":
+        return ALL_FRAMES
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise UsageError(f"--frames must be a number or 'all', got {text!r}") from None
+
+
+def check_options(cfg: MaskConfig) -> None:
+    from stages.common.config import check_config
+
+    check_config(cfg)  # types, finite numbers (--fps nan), int64
+    if not 0 <= cfg.frames <= 100000:
+        raise UsageError(f"--frames must be in 1..100000 or 'all' (got {cfg.frames})")
+    if cfg.start < 0:
+        raise UsageError(f"--start must be >= 0 (got {cfg.start})")
+    if cfg.stride is not None and not 1 <= cfg.stride <= 100000:
+        raise UsageError(f"--stride must be in 1..100000 (got {cfg.stride})")
+    if cfg.fps is not None and not 0 < cfg.fps <= 1000:
+        raise UsageError(f"--fps must be a number in (0, 1000] (got {cfg.fps})")
+    imported = [name for name, value in (("--mask-dir", cfg.mask_dir), ("--mask-video", cfg.mask_video)) if value]
+    if len(imported) > 1:
+        raise UsageError("use either --mask-dir or --mask-video, not both")
+    if imported and (cfg.points or cfg.box):
+        raise UsageError(f"{imported[0]} imports masks; drop --point/--box (they prompt SAM2)")
+    if cfg.box_only and not cfg.box:
+        raise UsageError("--box-only needs --box X0,Y0,X1,Y1")
+    if cfg.box_only and cfg.points:
+        raise UsageError("--box-only uses the box alone; drop --point")
+    if not (imported or cfg.points or cfg.box):
+        raise UsageError("no mask source: give --point/--box (SAM2), --mask-dir DIR or --mask-video FILE")
+    if cfg.prompt_frame < 0:
+        raise UsageError(f"--prompt-frame must be >= 0 (got {cfg.prompt_frame})")
+    if cfg.frames != ALL_FRAMES and cfg.prompt_frame >= cfg.frames:
+        raise UsageError(f"--prompt-frame {cfg.prompt_frame} is outside the {cfg.frames} frames")
+
+
+# ----------------------------------------------------------------------------------- stage
+@stagelock.scoped
+def run_mask(clip: str | Path, output: str | Path | None, config: MaskConfig,
+             progress: Progress | None = None) -> dict[str, Any]:
+    """Create (or refresh) the workspace for `clip`; return a summary (see `vd mask --json`)."""
+    from stages.models import sam2_track
+
+    progress = progress or Progress(quiet=True)
+    started = time.monotonic()
+    check_options(config)
+    size_hw = vid.parse_size(config.size)
+    points = [parse_point(p) for p in config.points]
+    box = parse_box(config.box) if config.box else None
+    clip = Path(clip)
+    info = vid.probe(clip)  # not found / not a video fail here, before any slow work
+    target = Path(output) if output else default_workspace(clip)
+    sha256 = vid.source_sha256(clip)
+    _precheck_target(target, sha256, config.force)
+    existing = (target / "zarr.json").is_file()
+    if existing:  # refuse a concurrent writer before the slow decoding and tracking
+        _lock_workspace(target)
+
+    method = "mask-dir" if config.mask_dir else "mask-video" if config.mask_video else \
+        "box" if config.box_only else "sam2"
+    checkpoint = None
+    if method == "sam2":
+        checkpoint = sam2_track.resolve_checkpoint(config.sam2)  # exit 4 before decoding when missing
+
+    progress.log(f"decoding {clip} ({info.kind}, {info.size[1]}x{info.size[0]}, {info.fps:g} fps)")
+    loaded = vid.load_clip(clip, config.frames, size_hw, config.start, config.stride, config.fps,
+                           config.sample, config.resize, sha256=sha256)
+    frames = loaded.frames
+    count, height, width = frames.shape[:3]
+    if config.prompt_frame >= count:
+        raise UsageError(f"--prompt-frame {config.prompt_frame} is outside the clip's {count} kept frames")
+    check_prompts_inside(points, box, height, width)
+
+    mask_info: dict[str, Any] = {"method": method}
+    if method == "sam2":
+        progress.log(f"SAM2: {checkpoint or 'random weights (testing only)'}")
+        predictor = sam2_track.load_predictor(checkpoint, config.device)
+        raw = sam2_track.track(predictor, frames, points, box, config.prompt_frame, progress)
+        mask_info.update(sam2=str(checkpoint) if checkpoint else sam2_track.RANDOM,
+                         points=[list(p) for p in points], box=list(box) if box else None,
+                         prompt_frame=config.prompt_frame)
+    elif method == "box":
+        progress.log("--box-only: the same box on every frame (no tracking)")
+        raw = box_mask(box, count, height, width)  # type: ignore[arg-type]
+        mask_info.update(box=list(box), prompt_frame=config.prompt_frame)  # type: ignore[arg-type]
+    elif method == "mask-dir":
+        raw = import_mask_dir(config.mask_dir, loaded)  # type: ignore[arg-type]
+        mask_info.update(mask_dir=str(Path(config.mask_dir).resolve()))  # type: ignore[arg-type]
+    else:
+        raw = import_mask_video(config.mask_video, loaded)  # type: ignore[arg-type]
+        mask_info.update(mask_video=str(Path(config.mask_video).resolve()))  # type: ignore[arg-type]
+
+    if not raw[config.prompt_frame].any():
+        what = "SAM2 found no object at the prompt" if method == "sam2" else "the given mask is empty"
+        raise InputError(f"the mask on frame {config.prompt_frame} is empty ({what}); "
+                         f"check the prompt coordinates (output pixels) or the masks")
+    empty = [int(i) for i in np.nonzero(~raw.reshape(count, -1).any(axis=1))[0]]
+    if empty:
+        progress.log(f"warning: empty mask on frame(s) {empty}")
+    edit = edit_masks(raw, config.ellipse)
+
+    if not existing:
+        _lock_workspace(target)
+    ws, reused = _open_target(target, loaded.source, frames, config.force, progress)
+    ws.write_array("video/frames", frames)
+    old_masks = ws.group_attrs("masks").get("edit_sha256")
+    ws.write_array("masks/raw", raw)
+    ws.write_array("masks/edit", edit)
+    coverage_raw = [round(float(m.mean()), 5) for m in raw]
+    coverage_edit = [round(float(m.mean()), 5) for m in edit]
+    mask_info.update(ellipse=bool(config.ellipse), coverage_raw=coverage_raw, coverage_edit=coverage_edit,
+                     empty_frames=empty, edit_sha256=_digest(edit), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    ws.update_attrs("masks", **{k: mask_info.get(k) for k in (
+        "method", "ellipse", "sam2", "points", "box", "prompt_frame", "mask_dir", "mask_video",
+        "coverage_raw", "coverage_edit", "empty_frames", "edit_sha256", "created")})
+    if reused and old_masks and old_masks != mask_info["edit_sha256"] and ws.has("inversion"):
+        progress.log("note: masks changed; inversion/ was computed with the old masks "
+                     "(rerun `vd invert --restart` to use the new ones)")
+    preview = ws.file_path("masks/preview.gif")
+    vid.write_gif(preview, preview_frames(frames, raw, edit), loaded.source["fps_out"])
+    return {
+        "workspace": str(ws.path.resolve()),
+        "reused": reused,
+        "source": loaded.source["path"],
+        "frames": count,
+        "indices": loaded.source["indices"],
+        "size": [height, width],
+        "fps": loaded.source["fps"],
+        "fps_out": loaded.source["fps_out"],
+        "mask": {"method": method, "ellipse": bool(config.ellipse), "coverage_raw": coverage_raw,
+                 "coverage_edit": coverage_edit, "empty_frames": empty},
+        "preview": str(preview.resolve()),
+        "seconds": round(time.monotonic() - started, 2),
+    }
+
+
+def preview_frames(frames: np.ndarray, raw: np.ndarray, edit: np.ndarray) -> np.ndarray:
+    """Frames with the raw mask tinted blue, the ellipse-only extension yellow, and the edit mask's
+    outline in white (so the mask shows whatever the object's own colour)."""
+    from scipy.ndimage import binary_erosion
+
+    out = vid.overlay_mask(frames, raw, (30, 144, 255), 0.5)
+    extra = (edit != 0) & (raw == 0)
+    if extra.any():
+        out = vid.overlay_mask(out, extra, (255, 220, 0), 0.35)
+    inside = edit != 0
+    outline = inside & ~np.stack([binary_erosion(m, iterations=max(1, m.shape[0] // 256)) for m in inside])
+    out[outline] = 255
+    return out
+
+
+def _open_target(target: Path, source: dict[str, Any], frames: np.ndarray, force: bool,
+                 progress: Progress) -> tuple[Workspace, bool]:
+    """Create the workspace or reuse a same-clip one; refuse to silently stale later stages."""
+    existed = (target / "zarr.json").is_file()
+    ws = Workspace.create(target, source, force=force)  # refuses another clip/selection unless force
+    reused = existed and ws.has("video/frames")
+    if reused:
+        old = ws.array("video/frames")
+        changed = old.shape != frames.shape or _digest(old[...]) != _digest(frames)
+        later = [name for name in LATER_STAGES if ws.has(name)]
+        if changed and later:
+            if not force:
+                raise InputError(f"the frames differ from those in {target} and {', '.join(later)} would be "
+                                 f"stale; pass --force to replace them")
+            for name in later:
+                ws.remove(name)
+            progress.log(f"frames changed: removed {', '.join(later)}")
+    return ws, reused
+
+
