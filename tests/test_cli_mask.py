@@ -112,6 +112,8 @@ def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path, assets, no_
         ((tmp_path / "missing.mp4", "--mask-dir", masks), 3, "not found"),
         ((assets / "fake.mp4", "--mask-dir", masks), 3, "not a readable video"),
         ((clip, "--frames", "11", "--mask-dir", masks), 3, "has 10 frames"),
+        ((clip, "--frames", "0", "--mask-dir", masks), 2, "1..100000 or 'all' (got 0)"),
+        ((clip, "--frames", "-3", "--mask-dir", masks), 2, "1..100000 or 'all' (got -3)"),
         ((clip, "--frames", "4", "--size", "100", "--mask-dir", masks), 2, "multiple of 64"),
         ((clip, "--frames", "4", "--mask-dir", tmp_path / "nomasks"), 3, "not found"),
         ((clip, "--frames", "4", "--point", "70,10", "--sam2", "random"), 3, "outside"),

@@ -85,7 +85,7 @@ def run(work: Callable[[Progress], dict[str, Any]], json_out: bool, quiet: bool,
             traceback.print_exc()
         fail(f"unexpected {type(exc).__name__}: {first_line(str(exc))} (set VD_DEBUG=1 for a traceback)", 1)
     if json_out:
-        from stages.io.workspace import json_safe
+        from stages.common.jsonsafe import json_safe
 
         print(json.dumps(json_safe(result), indent=2, default=str, allow_nan=False), flush=True)
     elif human is not None:

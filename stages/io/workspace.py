@@ -24,6 +24,7 @@ from filelock import FileLock
 from stages import __version__
 from stages.common.errors import InputError
 from stages.common.errors import first_line
+from stages.common.jsonsafe import json_safe
 
 SCHEMA = "vd-workspace/1"
 LOCK_DIR = ".locks"  # stages.io.locks's lock files (not part of the zarr hierarchy)
@@ -279,21 +280,3 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-def json_safe(value: Any) -> Any:
-    """Make a value strict-JSON safe, recursively: numpy -> Python, Path -> str, nan -> None,
-    +-inf -> "inf"/"-inf" (the convention of stored attributes, `--json` output and `vd eval`)."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not np.isfinite(value):
-        return None if np.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value

@@ -7,7 +7,6 @@ A rerun on the same clip and frame selection reuses the workspace and replaces o
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,10 +22,12 @@ from stages.method.ellipse import edit_masks
 from stages.common.errors import InputError, UsageError
 from stages.common.progress import Progress
 from stages.io.workspace import LOCK_DIR, Workspace
+from stages.common.digest import digest
 from stages.common.errors import first_line
 
 LATER_STAGES = ("inversion", "edits", "eval")
 ALL_FRAMES = 0  # --frames all
+MAX_FRAMES = 100000
 
 
 @dataclass
@@ -194,10 +195,6 @@ def _lock_workspace(target: Path) -> None:
     stagelock.hold(target, stagelock.WORKSPACE, "vd mask", f"workspace {target}")
 
 
-def _digest(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
-
-
 def parse_frames(text: str | int) -> int:
     """--frames N, or 'all' (0: every frame the selection reaches)."""
     if isinstance(text, int):
@@ -205,17 +202,20 @@ def parse_frames(text: str | int) -> int:
     if str(text).strip().lower() == "all":
         return ALL_FRAMES
     try:
-        return int(str(text).strip())
+        frames = int(str(text).strip())
     except ValueError:
         raise UsageError(f"--frames must be a number or 'all', got {text!r}") from None
+    if not 1 <= frames <= MAX_FRAMES:  # 0 is the internal sentinel for 'all', never a user's number
+        raise UsageError(f"--frames must be in 1..{MAX_FRAMES} or 'all' (got {frames})")
+    return frames
 
 
 def check_options(cfg: MaskConfig) -> None:
     from stages.common.config import check_config
 
     check_config(cfg)  # types, finite numbers (--fps nan), int64
-    if not 0 <= cfg.frames <= 100000:
-        raise UsageError(f"--frames must be in 1..100000 or 'all' (got {cfg.frames})")
+    if not (cfg.frames == ALL_FRAMES or 1 <= cfg.frames <= MAX_FRAMES):
+        raise UsageError(f"--frames must be in 1..{MAX_FRAMES} or 'all' (got {cfg.frames})")
     if cfg.start < 0:
         raise UsageError(f"--start must be >= 0 (got {cfg.start})")
     if cfg.stride is not None and not 1 <= cfg.stride <= 100000:
@@ -314,7 +314,7 @@ def run_mask(clip: str | Path, output: str | Path | None, config: MaskConfig,
     coverage_raw = [round(float(m.mean()), 5) for m in raw]
     coverage_edit = [round(float(m.mean()), 5) for m in edit]
     mask_info.update(ellipse=bool(config.ellipse), coverage_raw=coverage_raw, coverage_edit=coverage_edit,
-                     empty_frames=empty, edit_sha256=_digest(edit), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                     empty_frames=empty, edit_sha256=digest(edit), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     ws.update_attrs("masks", **{k: mask_info.get(k) for k in (
         "method", "ellipse", "sam2", "points", "box", "prompt_frame", "mask_dir", "mask_video",
         "coverage_raw", "coverage_edit", "empty_frames", "edit_sha256", "created")})
@@ -362,7 +362,7 @@ def _open_target(target: Path, source: dict[str, Any], frames: np.ndarray, force
     reused = existed and ws.has("video/frames")
     if reused:
         old = ws.array("video/frames")
-        changed = old.shape != frames.shape or _digest(old[...]) != _digest(frames)
+        changed = old.shape != frames.shape or digest(old[...]) != digest(frames)
         later = [name for name in LATER_STAGES if ws.has(name)]
         if changed and later:
             if not force:
