@@ -27,6 +27,15 @@ class ModelMissingError(VdError):
     exit_code = 4
 
 
+class OutOfMemory(VdError):
+    """The device ran out of memory; the message names the need, the device's memory and what reduces it.
+
+    Permanent for the same settings: `vd batch` does not retry it.
+    """
+
+    exit_code = 5
+
+
 class Interrupted(VdError):
     """Ctrl-C: finished work is saved and the stage can resume."""
 
