@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 VD := $(VENV)/bin/vd
 DEMO ?= demo
 
-.PHONY: install demo test bench bench-full clean mutation
+.PHONY: install demo test bench bench-full bench-memory clean mutation
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ bench: install
 bench-full: install
 	$(PY) bench/bench.py --size full --device cuda --dtype bf16
 
+# Measured memory model of every pass on the full architecture (fake tensors, CPU, about an hour on 2 cores);
+# prints the coefficients of stages/models/memory.py. bench/memory.py --help for smaller runs.
+bench-memory: install
+	OMP_NUM_THREADS=1 $(PY) bench/memory.py --real-check
+
 clean:
 	rm -rf $(DEMO) .pytest_cache
 
@@ -40,7 +45,7 @@ clean:
 # e.g. `make mutation MUTANTS='stages.method.ddim.*'`.
 MUTDIR ?= build/mutation
 MUTANTS ?= stages.method.ddim.* stages.method.guidance.* stages.method.control.editing.* stages.method.prompts.* \
-	stages.invert.run.x__step__mutmut_* stages.edit.run.x_edit_latents__mutmut_*
+	stages.invert.nulltext.x__step__mutmut_* stages.edit.sampling.x_edit_latents__mutmut_*
 mutation: install
 	mkdir -p $(MUTDIR)
 	tar --exclude=./.venv --exclude=./.git --exclude=./build --exclude=./$(DEMO) -cf - . | tar -xf - -C $(MUTDIR)

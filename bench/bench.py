@@ -37,7 +37,7 @@ SIZES = {
 }
 PROMPT = "a red ball rolling over a textured floor"
 EDIT_NAME = "bench"
-# profile phases in the order a null-text step runs them (stages.invert.run.PhaseTimer names)
+# profile phases in the order a null-text step runs them (stages.invert.PhaseTimer names)
 PHASES = ("gt_forward", "stdg_forward", "stdg_backward", "eps_c_forward", "inner_forward", "inner_backward",
           "adam_step", "final_update", "gc", "commit")
 
@@ -105,7 +105,7 @@ def worker(args: argparse.Namespace) -> dict:
         result["unet_batch"] = int(stats.get("unet_batch", 1))
         group = f"edits/{EDIT_NAME}"
     else:
-        from stages.invert.run import InvertConfig, PhaseTimer, run_invert
+        from stages.invert import InvertConfig, PhaseTimer, run_invert
 
         cfg = build_config(InvertConfig, {
             "prompt": PROMPT, "subject": "red ball", "model": args.model, "steps": args.steps,

@@ -33,8 +33,8 @@ def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     from stages.common.config import build_config
     from stages.edit.run import EditConfig, run_edit
-    from stages.evaluate.run import EvalConfig, run_eval
-    from stages.invert.run import InvertConfig, run_invert
+    from stages.evaluate import EvalConfig, run_eval
+    from stages.invert import InvertConfig, run_invert
     from stages.models.load import load_models
     from stages.common.progress import Progress
     from stages.io.workspace import Workspace

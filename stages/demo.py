@@ -35,7 +35,8 @@ def choose_model(requested: str) -> str:
     """'auto' -> the real default spec when its weights are present locally, else 'tiny'."""
     if requested != "auto":
         return requested
-    from stages.models.load import DEFAULT_SPEC, models_status
+    from stages.models.catalog import DEFAULT_SPEC
+    from stages.models.status import models_status
 
     return DEFAULT_SPEC if models_status()["specs"].get(DEFAULT_SPEC) else "tiny"
 
@@ -70,8 +71,8 @@ def run_demo(folder: str | Path, cfg: DemoConfig, progress: Progress) -> dict[st
 def _run_demo(folder: Path, cfg: DemoConfig, progress: Progress) -> dict[str, Any]:
     from stages.common.config import build_config
     from stages.edit.run import EditConfig, run_edit
-    from stages.evaluate.run import EvalConfig, run_eval
-    from stages.invert.run import InvertConfig, run_invert
+    from stages.evaluate import EvalConfig, run_eval
+    from stages.invert import InvertConfig, run_invert
     from stages.mask.run import MaskConfig, run_mask
     from stages.models.load import load_models
 

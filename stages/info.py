@@ -74,7 +74,26 @@ def _masks(ws: Workspace) -> dict[str, Any] | None:
             out[key] = attrs[key]
     preview = ws.file_path("masks/preview.gif")
     out["preview"] = str(preview.resolve()) if preview.is_file() else None
+    objects = _objects(ws)
+    if objects is not None:
+        out["objects"], out["overlap_pixels"] = objects
     return out
+
+
+def _objects(ws: Workspace) -> tuple[list[dict[str, Any]], dict[str, int]] | None:
+    """The named objects (masks/objects): name, phrase and coverage each, and the overlaps resolved."""
+    if not ws.has("masks/objects"):
+        return None
+    attrs = ws.group_attrs("masks/objects")
+    names = attrs.get("names") or []
+    phrases, coverage = attrs.get("phrases") or {}, attrs.get("coverage") or {}
+    listed = []
+    for name in names:
+        cover = coverage.get(name)
+        if cover is None and ws.has(f"masks/objects/{name}/raw"):
+            cover = round(float(ws.read(f"masks/objects/{name}/raw").mean()), 5)
+        listed.append({"name": name, "phrase": phrases.get(name), "coverage": cover})
+    return listed, dict(attrs.get("overlap_pixels") or {})
 
 
 @_safe
@@ -85,6 +104,7 @@ def _inversion(ws: Workspace) -> dict[str, Any] | None:
     model = attrs.get("model")
     out: dict[str, Any] = {
         "status": attrs.get("status"),
+        "method": attrs.get("method") or "null-text",  # inversions made before --method are null-text ones
         "prompt": attrs.get("prompt"),
         "subject": attrs.get("subject"),
         "model": model.get("spec") if isinstance(model, dict) else model,
@@ -195,6 +215,12 @@ def format_info(info: dict[str, Any]) -> list[str]:
         lines.append(f"masks      {masks.get('method')}, ellipse {'on' if masks.get('ellipse') else 'off'}, "
                      f"coverage raw {_pct(masks.get('coverage_raw_mean'))} edit {_pct(masks.get('coverage_edit_mean'))}"
                      + (f", preview {masks['preview']}" if masks.get("preview") else ""))
+        if masks.get("objects"):
+            lines.append("objects    " + ", ".join(_object_text(o) for o in masks["objects"]))
+            overlaps = {k: v for k, v in (masks.get("overlap_pixels") or {}).items() if v}
+            if overlaps:
+                lines.append("overlaps   " + ", ".join(f"{k} {v} px" for k, v in overlaps.items())
+                             + " (resolved: each pixel to the object with the higher SAM2 score)")
     inv = info.get("inversion")
     if inv is None:
         lines.append("inversion  none (run `vd invert`)")
@@ -206,7 +232,8 @@ def format_info(info: dict[str, Any]) -> list[str]:
             steps += f" (being written by {inv['writer']})"
         recon = inv.get("recon") if isinstance(inv.get("recon"), dict) else {}
         psnr = f", reconstruction PSNR {_num(recon['psnr'])} dB" if isinstance(recon.get("psnr"), float) else ""
-        lines.append(f"inversion  {inv.get('status', '?')}, {steps}, model {inv.get('model', '?')}, "
+        lines.append(f"inversion  {inv.get('status', '?')}, {steps}, method {inv.get('method', '?')}, "
+                     f"model {inv.get('model', '?')}, "
                      f"prompt {inv.get('prompt')!r}{psnr}")
     edits = info.get("edits")
     if isinstance(edits, list) and edits:
@@ -226,6 +253,11 @@ def format_info(info: dict[str, Any]) -> list[str]:
     sizes = info.get("sizes") or {}
     lines.append("disk       " + ", ".join(f"{k} {human_size(v)}" for k, v in sizes.items()))
     return lines
+
+
+def _object_text(entry: dict[str, Any]) -> str:
+    phrase = f" {entry['phrase']!r}" if entry.get("phrase") else ""
+    return f"{entry.get('name')}{phrase} {_pct(entry.get('coverage'))}"
 
 
 def _short_list(values: Any) -> str:
@@ -268,7 +300,8 @@ def check_workspace(path: str | Path) -> dict[str, Any]:
     frames = shapes.get("video/frames")
     if frames is None and "video/frames" not in arrays:
         problem("video/frames", "missing")
-    for name in ("masks/raw", "masks/edit"):
+    objects = [n for n in shapes if n.startswith("masks/objects/")]
+    for name in ("masks/raw", "masks/edit", *objects):
         if frames and name in shapes and shapes[name] != frames[:3]:
             problem(name, f"shape {list(shapes[name])} does not match the frames {list(frames[:3])}")
     if ws.has("inversion"):
@@ -305,6 +338,8 @@ def _check_inversion(ws: Workspace, shapes: dict[str, tuple[int, ...]], frames: 
     S = steps
     expect = {"inversion/latents": (S + 1,), "inversion/recon_latents": (S + 1,), "inversion/null_embeddings": (S,),
               "inversion/stdg/guidance": (S,), "inversion/done": (S + 1,)}
+    if attrs.get("method") == "direct":
+        expect["inversion/direct_offsets"] = (S,)
     for name, lead in expect.items():
         shape = shapes.get(name)
         if shape is None:

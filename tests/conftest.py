@@ -21,8 +21,10 @@ from stages.io.workspace import Workspace  # noqa: E402
 torch.set_num_threads(1)
 
 
-def make_workspace(path: Path, frames: int = 4, size: int = 64, seed: int = 0) -> Workspace:
-    """A workspace with frames and masks written directly (what `vd mask` would leave)."""
+def make_workspace(path: Path, frames: int = 4, size: int = 64, seed: int = 0,
+                   objects: dict[str, tuple[np.ndarray, str | None]] | None = None) -> Workspace:
+    """A workspace with frames and masks written directly (what `vd mask` would leave); `objects`
+    {name: (mask (F, H, W), phrase or None)} also writes named objects (see write_objects)."""
     video, masks = moving_disc(frames, size, size, seed=seed)
     source = {"path": "synthetic", "sha256": f"synthetic-{frames}-{size}-{seed}", "frames": frames,
               "size": [size, size], "start": 0, "stride": 1, "fps": 8.0, "fps_out": 8.0}
@@ -30,7 +32,23 @@ def make_workspace(path: Path, frames: int = 4, size: int = 64, seed: int = 0) -
     ws.write_array("video/frames", video)
     ws.write_array("masks/raw", masks)
     ws.write_array("masks/edit", masks)
+    if objects:
+        write_objects(ws, objects)
     return ws
+
+
+def write_objects(ws: Workspace, objects: dict[str, tuple[np.ndarray, str | None]]) -> None:
+    """The named-object contract of `vd mask`: masks/objects/<name>/{raw, edit} (here raw == edit), group
+    attrs {names, phrases}, and masks/raw, masks/edit = their union."""
+    union = None
+    for name, (mask, _phrase) in objects.items():
+        m = (np.asarray(mask) > 0).astype(np.uint8)
+        ws.write_array(f"masks/objects/{name}/raw", m)
+        ws.write_array(f"masks/objects/{name}/edit", m)
+        union = m if union is None else np.maximum(union, m)
+    ws.update_attrs("masks/objects", names=list(objects), phrases={n: p for n, (_m, p) in objects.items()})
+    ws.write_array("masks/raw", union)
+    ws.write_array("masks/edit", union)
 
 
 @pytest.fixture(scope="module")

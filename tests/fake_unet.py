@@ -1,7 +1,7 @@
 """Test helpers: UNet stand-ins that keep the real `vd invert` / `vd edit` code paths around them.
 
 The tiny random model has near-uniform attention, so it cannot show *where* an attention edit acts; these
-stand-ins replace only `stages.models.load.unet_eps` (text encoder, tokenizer, VAE, workspace, the stage loops,
+stand-ins replace only `stages.models.ops.unet_eps` (text encoder, tokenizer, VAE, workspace, the stage loops,
 the attention handlers, CFG and DDIM stay real) with functions whose outputs a test can write down by hand.
 """
 
@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 import stages.method.control.editing as editing
-import stages.edit.run
-import stages.models.load
+import stages.edit.sampling
+import stages.models.ops
 from stages.method.control.controller import module_kind
 
 SOURCE = "A brown bear, walking on rocky terrain, next to a stone wall."
@@ -49,7 +49,7 @@ def fake_inversion(models: Any, steps: int, frames: int, hw: tuple[int, int], sc
     source path latents[k] = sqrt(ᾱ) z0 + sqrt(1-ᾱ) n at the schedule's timesteps, phi_i = the empty-prompt
     embedding plus i/100, and G_i = guidance_scale * (i + 1) * a fixed random field."""
     from stages.method.ddim import make_schedule
-    from stages.invert.run import Inversion
+    from stages.invert import Inversion
 
     sched = make_schedule(schedule, steps)
     gen = torch.Generator().manual_seed(seed)
@@ -57,7 +57,7 @@ def fake_inversion(models: Any, steps: int, frames: int, hw: tuple[int, int], sc
     noise = torch.randn(frames, 4, *hw, generator=gen)
     lat = [z0] + [abar(sched.timesteps[steps - k]) ** 0.5 * z0 + (1 - abar(sched.timesteps[steps - k])) ** 0.5 * noise
                   for k in range(1, steps + 1)]
-    neg = stages.models.load.encode_text(models, [""])[0]
+    neg = stages.models.ops.encode_text(models, [""])[0]
     null = torch.stack([neg.expand(frames, -1, -1) + i / 100 for i in range(steps)])
     field = torch.randn(frames, 4, *hw, generator=gen)
     guidance = torch.stack([guidance_scale * (i + 1) * field for i in range(steps)])
@@ -99,14 +99,14 @@ class FakeEditUNet:
         self.hides: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.inputs: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (t, z, emb) per call
         self.gen = torch.Generator().manual_seed(1)
-        real_install = stages.edit.run.install
+        real_install = stages.edit.sampling.install
 
         def spy_install(unet: Any, controller: Any) -> Any:
             self.controller = real_install(unet, controller)
             return self.controller
 
-        monkeypatch.setattr(stages.edit.run, "install", spy_install)
-        monkeypatch.setattr(stages.models.load, "unet_eps", self)
+        monkeypatch.setattr(stages.edit.sampling, "install", spy_install)
+        monkeypatch.setattr(stages.models.ops, "unet_eps", self)
         for name in ("sa1_attention", "sa2_attention", "p2p_maps"):
             monkeypatch.setattr(editing, name, self._recording(name, getattr(editing, name)))
 

@@ -26,9 +26,10 @@ SD15_VAE_KEYS = ("act_fn", "block_out_channels", "down_block_types", "in_channel
 
 def tiny_parts() -> tuple[Any, Any, Any, Any]:
     """(unet2d, adapter, vae, text encoder) of the tiny spec, as load_models("tiny") builds them."""
-    from stages.models.load import TINY_SEED, _build_random
+    from stages.models.configs import TINY_SEED
+    from stages.models.random_specs import build_random
 
-    return _build_random("tiny", TINY_SEED)[:4]
+    return build_random("tiny", TINY_SEED)[:4]
 
 
 def _old_config(path: Path, keys: tuple[str, ...], class_name: str) -> None:

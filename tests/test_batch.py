@@ -256,6 +256,22 @@ def test_jsonl_manifest(tmp_path):
     assert plans[0].invert.steps == 3 and plans[0].invert.model == "tiny"
 
 
+
+def test_lost_worker_result_has_the_shape_of_a_clip_result(tmp_path):
+    from stages.batch.engines import _failure
+    from stages.batch.manifest import load_manifest
+    from stages.batch.worker import Job, Worker
+
+    (tmp_path / "m.jsonl").write_text('{"clip": "gone.mp4", "prompt": "a dog", "box": "1,1,9,9", "box_only": true}\n')
+    job = Job(load_manifest(tmp_path / "m.jsonl").clips[0], str(tmp_path / "runs" / "gone.vd"), ["mask"], None)
+    ran = Worker(0, 1).run_clip(job)
+    lost = _failure(job, "worker lost: node died")
+    assert list(lost) == list(ran)  # same report columns, same order
+    assert (ran["status"], ran["stage"], ran["transient"], ran["worker"]) == ("failed", "mask", False, 0)
+    assert "gone.mp4 not found" in ran["error"]
+    assert (lost["status"], lost["worker"], lost["transient"], lost["seconds"]) == ("failed", None, True, None)
+
+
 BAD = [
     ("clips:\n  - {clip: a.mp4, promt: x}\n", "clips[0]: unknown key 'promt' (did you mean 'prompt'?)"),
     ("clips:\n  - {clip: a.mp4}\n", "clips[0]: missing `prompt:`"),
@@ -282,11 +298,11 @@ def test_bad_manifest_is_one_error_and_runs_nothing(tmp_path, text, message):
 
 
 def test_bad_options_and_retry_of_transient_failures(folder, tmp_path, monkeypatch):
-    from stages.batch import run as B
+    from stages.batch.worker import Worker
 
     r = batch(folder / "m.yaml", "--engine", "spark")
     assert r.exit_code == 2 and "--engine" in r.stderr
-    real, calls = B.Worker._mask, []
+    real, calls = Worker._mask, []
 
     def flaky(self, plan, *args):
         calls.append(plan.name)
@@ -294,7 +310,7 @@ def test_bad_options_and_retry_of_transient_failures(folder, tmp_path, monkeypat
             raise OSError("connection reset")
         return real(self, plan, *args)
 
-    monkeypatch.setattr(B.Worker, "_mask", flaky)
+    monkeypatch.setattr(Worker, "_mask", flaky)
     (tmp_path / "one.yaml").write_text(MANIFEST.split("clips:\n")[0].replace("clips/", "")
                                        + f"clips:\n  - clip: {folder / 'clips' / 'a.mp4'}\n")
     r = batch(tmp_path / "one.yaml", "--out", tmp_path / "runs", "--only", "mask", "-q", "--json")
@@ -303,30 +319,6 @@ def test_bad_options_and_retry_of_transient_failures(folder, tmp_path, monkeypat
     r = batch(tmp_path / "one.yaml", "--out", tmp_path / "runs2", "--only", "mask", "--retry", "1", "-q", "--json")
     assert r.exit_code == 0, r.output
     assert report(r)["clips"][0]["attempt"] == 1 and calls == ["a", "a"]
-
-
-def test_interrupted_sync_never_hands_out_half_uploaded_stages(tmp_path):
-    from stages.io.storage import MARKER, Storage
-
-    url = f"file://{tmp_path / 'remote' / 'a.vd'}"
-    node1 = Storage(url, tmp_path / "node1")
-    for rel in ("zarr.json", "masks/edit/zarr.json", "inversion/zarr.json", "inversion/latents/c/0"):
-        (node1.local / rel).parent.mkdir(parents=True, exist_ok=True)
-        (node1.local / rel).write_text(rel)
-    assert node1.push("invert") == 4 and node1.push("invert") == 0  # nothing changed: nothing uploaded
-    remote = tmp_path / "remote" / "a.vd"
-    # a later upload of the inversion dies half-way: the marker still says "writing"
-    marker = json.loads((remote / MARKER).read_text())
-    (remote / MARKER).write_text(json.dumps({**marker, "state": "writing", "stage": "invert"}))
-    (remote / "inversion" / "latents" / "c" / "0").write_text("half")
-    node2 = Storage(url, tmp_path / "node2")
-    assert node2.pull()
-    assert (node2.local / "masks" / "edit" / "zarr.json").read_text() == "masks/edit/zarr.json"
-    assert not (node2.local / "inversion").exists()  # redone by the next run, never read half-written
-    (node2.local / "masks" / "edit" / "zarr.json").write_text("new")
-    assert node2.push("mask") == 1
-    assert not [p for p in (remote / "inversion").rglob("*") if p.is_file()]  # gone locally: deleted there
-    assert json.loads((remote / MARKER).read_text())["state"] == "clean"
 
 
 def test_bench_batch_row_format():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import stages.models.load
+import stages.models.ops
 from conftest import make_workspace
 from fake_unet import fake_invert_eps
 from vdcli.app import app
@@ -30,17 +30,17 @@ def error_lines(result) -> list[str]:
 
 @pytest.fixture
 def fake_unet(loads, monkeypatch):
-    monkeypatch.setattr(stages.models.load, "unet_eps", fake_invert_eps)
+    monkeypatch.setattr(stages.models.ops, "unet_eps", fake_invert_eps)
     return loads
 
 
 def test_unexpected_error_is_exit_1_one_line_and_a_traceback_only_with_vd_debug(tmp_path, monkeypatch):
-    import stages.invert.run
+    import stages.invert
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom in the stage\nsecond line of detail")
 
-    monkeypatch.setattr(stages.invert.run, "run_invert", broken)
+    monkeypatch.setattr(stages.invert, "run_invert", broken)
     ws = make_workspace(tmp_path / "ws")
     monkeypatch.delenv("VD_DEBUG", raising=False)
     r = vd(ws.path, "--prompt", PROMPT, *FAST)

@@ -180,3 +180,90 @@ def test_sam2_random_through_the_cli_on_a_middle_frame(tmp_path, assets):
 
 def test_info_on_a_non_workspace(tmp_path):
     assert_one_line_error(vd("info", tmp_path / "nope"), 3, "not found")
+
+
+# ------------------------------------------------------------------------------------------ named objects
+@pytest.fixture
+def fake_tracking(monkeypatch):
+    """SAM2 replaced by a recorder: object k's mask is its box (or a 5 px square round its first point)."""
+    from stages.models import sam2_track
+
+    calls: list[tuple[list, int]] = []
+
+    def track_objects(predictor, frames, prompts, prompt_frame=0, progress=None):
+        calls.append(([(list(p), list(b) if b is not None else None) for p, b in prompts], prompt_frame))
+        masks = np.zeros((len(prompts), *frames.shape[:3]), np.uint8)
+        for k, (points, box) in enumerate(prompts):
+            x0, y0, x1, y1 = box if box is not None else (points[0][0] - 5, points[0][1] - 5, points[0][0] + 5,
+                                                          points[0][1] + 5)
+            masks[k, :, int(y0):int(y1), int(x0):int(x1)] = 1
+        return masks, np.zeros((len(prompts), len(prompts)), np.int64)
+
+    monkeypatch.setattr(sam2_track, "load_predictor", lambda checkpoint, device="auto": object())
+    monkeypatch.setattr(sam2_track, "track_objects", track_objects)
+    return calls
+
+
+def test_named_objects_keep_their_own_prompts_from_the_command_line(tmp_path, assets, fake_tracking):
+    ws = tmp_path / "two.vd"
+    result = vd("mask", assets / "clip.mp4", "--frames", "3", "--size", "64", "--sam2", "random", "--point", "9,9",
+                "--object", "left=red disc", "--box", "2,2,20,20", "--point", "5,5", "--object=right",
+                "--point=40,40", "--point", "60,1,0", "--prompt-frame", "1", "-o", ws, "--json", "-q")
+    assert result.exit_code == 2 and "before any --object" in result.stderr and not ws.exists()
+    result = vd("mask", assets / "clip.mp4", "--frames", "3", "--size", "64", "--sam2", "random",
+                "--object", "left=red disc", "--box", "2,2,20,20", "--point", "5,5", "--object=right",
+                "--point=40,40", "--prompt-frame", "1", "--point", "60,1,0", "-o", ws, "--json", "-q")
+    assert result.exit_code == 0, result.output
+    assert fake_tracking == [([([(5.0, 5.0, 1)], [2.0, 2.0, 20.0, 20.0]), ([(40.0, 40.0, 1), (60.0, 1.0, 0)], None)],
+                              1)]
+    summary = json.loads(result.stdout)
+    assert [(o["name"], o["phrase"]) for o in summary["objects"]] == [("left", "red disc"), ("right", None)]
+    assert summary["overlap_pixels"] == {"left|right": 0}
+    info = json.loads(vd("info", ws, "--json").stdout)["masks"]
+    assert [o["name"] for o in info["objects"]] == ["left", "right"]
+    assert info["objects"][0]["coverage"] == pytest.approx(18 * 18 / 64 / 64, abs=1e-4)
+    human = vd("info", ws).stdout
+    assert "objects    left 'red disc' 7.9%, right 2.4%" in human
+
+
+def test_the_single_object_form_is_one_object_named_after_the_subject(tmp_path, assets, fake_tracking):
+    ws = tmp_path / "one.vd"
+    result = vd("mask", assets / "clip.mp4", "--frames", "2", "--size", "64", "--sam2", "random", "--box",
+                "10,10,30,30", "--subject", "red disc", "-o", ws, "--json", "-q")
+    assert result.exit_code == 0, result.output
+    assert [(o["name"], o["phrase"]) for o in json.loads(result.stdout)["objects"]] == [("red_disc", "red disc")]
+    assert fake_tracking[0][0] == [([], [10.0, 10.0, 30.0, 30.0])]
+
+
+def test_bad_objects_give_one_line_errors_and_write_nothing(tmp_path, assets, fake_tracking, no_sam2, monkeypatch):
+    from stages.models import detector as det
+
+    clip, ws = assets / "clip.mp4", tmp_path / "bad.vd"
+    base = [clip, "--frames", "2", "--size", "64", "--sam2", "random", "-o", ws]
+    cases = [
+        (("--object", "a", "--box", "1,1,9,9", "--object", "a", "--point", "5,5"), 2, "duplicate object name 'a'"),
+        (("--object", "a", "--box", "1,1,9,9", "--object", "b"), 2, "'b' has no --point, --box or --text"),
+        (("--object", "a/b", "--box", "1,1,9,9"), 2, "object name 'a/b'"),
+        (("--object", "a", "--box", "1,1,9,9", "--box", "2,2,9,9"), 2, "two --box"),
+        (("--box", "1,1,9,9", "--box", "2,2,9,9"), 2, "one per object"),
+        (("--object", "a", "--box", "1,1,9,9", "--box-only"), 2, "--box-only takes one object"),
+        (("--object", "a", "--box", "1,1,9,9", "--subject", "bear"), 2, "--subject"),
+        (("--object", "a", "--box", "1,1,99,9"), 3, "outside"),
+        (("--object", "a", "--text", "cat"), 4, "vd models --get grounding-dino"),
+        (("--object", "a", "--box", "1,1,9,9", "--text-threshold", "0"), 2, "--text-threshold"),
+    ]
+    monkeypatch.setenv(det.ENV_DETECTOR, str(tmp_path / "none"))
+    for args, code, words in cases:
+        assert_one_line_error(vd("mask", *base, *args), code, words)
+        assert not ws.exists(), args
+    assert fake_tracking == []  # every refusal came before tracking
+
+    folder = tmp_path / "gdino"  # a detector folder (its files are only looked at; loading is faked)
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json"):
+        (folder / name).write_text("{}")
+    monkeypatch.setattr(det, "load_detector", lambda path, device="auto": object())
+    monkeypatch.setattr(det, "detect", lambda model, image, phrase, limit=8: [det.Detection((2, 2, 9, 9), 0.1)])
+    assert_one_line_error(vd("mask", *base, "--object", "a", "--text", "cat", "--detector", folder), 3,
+                          "--text 'cat' (object 'a')", "best 0.10")
+    assert not ws.exists() and fake_tracking == []

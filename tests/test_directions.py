@@ -94,3 +94,50 @@ def test_local_blend_holds_the_outside_on_the_source_path_from_its_start_step(ha
         same_outside = torch.equal(e[..., 4:], source[..., 4:])
         assert same_outside == (i >= 1), i
         assert not (e[..., :4] == source[..., :4]).any(), i  # inside: the edit's own latent
+
+
+class WindowedLocalUNet(FakeEditUNet):
+    """FakeEditUNet "local" over a windowed clip: each call gets its own window's source noise (the
+    windows run in order within a step)."""
+
+    def __init__(self, monkeypatch, spans, noise, push):
+        super().__init__(monkeypatch, mode="local", noise=noise, push=push)
+        self.spans, self.clip_noise = spans, noise
+
+    def __call__(self, models, z, t, emb):
+        s, e = self.spans[len(self.inputs) % len(self.spans)]
+        assert z.shape[1] == e - s
+        self.noise = self.clip_noise[s:e]
+        return super().__call__(models, z, t, emb)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_background_edit_frees_the_background_and_keeps_the_subject_in_every_window(tmp_path, tiny, monkeypatch,
+                                                                                     background):
+    """10 frames in windows (0,4) (2,6) (4,8) (6,10), a subject box that moves per frame (latent rows 2-5,
+    columns a..a+3, a = f mod 5). Where SA-II hides the source keys the edit takes all of the new content
+    (free), elsewhere half of it (kept, the source key at the same place): with --background the subject
+    box is kept and everything around it is free; without it the other way round, pixel by pixel."""
+    from stages.method.windows import plan_windows
+
+    frames = 10
+    windows = plan_windows(frames, 4, 2)
+    assert len(windows.spans) == 4
+    ws = make_workspace(tmp_path / "ws", frames=frames, size=64)
+    box = torch.zeros(frames, 8, 8, dtype=torch.bool)
+    for f in range(frames):
+        box[f, 2:6, f % 5:f % 5 + 4] = True
+    ws.write_array("masks/edit", box.repeat_interleave(8, 1).repeat_interleave(8, 2).numpy().astype(np.uint8))
+    inv = fake_inversion(tiny, STEPS, frames, (8, 8))
+    inv.attrs["windows"] = windows.describe()
+    z0 = torch.from_numpy(inv.latents[0])
+    fake = WindowedLocalUNet(monkeypatch, windows.spans, inv.attrs["noise"], push=0.01)
+    e = _edit(ws, tiny, inv, sa1=False, cross=False, tau_s=0.0, background=background)
+    assert len(fake.inputs) == STEPS * len(windows.spans)
+    d = (e - z0).abs().mean(dim=1)  # (F, 8, 8): the same new content in every channel
+    free = ~box if background else box
+    scale = float(d[free].mean())
+    assert scale > 0
+    expected = torch.where(free, 1.0, 0.5)
+    for f in range(frames):  # each frame's own mask, whichever window(s) it sits in
+        torch.testing.assert_close(d[f] / scale, expected[f], rtol=0, atol=1e-3, msg=f"frame {f}")

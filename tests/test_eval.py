@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import make_workspace
-from stages.evaluate.run import EvalConfig, as_number, json_safe, metric_of, parse_metrics, run_eval
+from stages.common.jsonsafe import json_safe
+from stages.evaluate import EvalConfig, as_number, metric_of, parse_metrics, run_eval
 from stages.common.errors import InputError, UsageError
 from vdcli.app import app
 

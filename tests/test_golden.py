@@ -17,7 +17,7 @@ from fake_unet import SOURCE, FakeEditUNet, abar, fake_invert_eps, fake_inversio
 from stages.method import ddim
 from stages.method.control.editing import LocalBlend
 from stages.edit.run import EditConfig, edit_latents, plan_edit
-from stages.invert.run import InvertConfig, run_invert
+from stages.invert import InvertConfig, run_invert
 from stages.common.progress import Progress
 
 # ALGORITHM.md §1.5, verbatim
@@ -128,9 +128,9 @@ def test_both_schedules_grids_and_prev_rules(steps, grid, leading):
 
 # ----------------------------------------------------------------------------------------- invert
 def _invert_fake(ws, tiny, monkeypatch, **kw):
-    import stages.models.load
+    import stages.models.ops
 
-    monkeypatch.setattr(stages.models.load, "unet_eps", fake_invert_eps)
+    monkeypatch.setattr(stages.models.ops, "unet_eps", fake_invert_eps)
     cfg = dict(prompt=SOURCE, subject="brown bear", model="tiny", steps=4, null_steps=2, use_stdg=False, device="cpu")
     cfg.update(kw)
     return run_invert(ws, InvertConfig(**cfg), Progress(quiet=True), models=tiny)
@@ -143,7 +143,7 @@ def _invert_fake(ws, tiny, monkeypatch, **kw):
 def test_inversion_and_null_text_update_by_hand(tiny, tmp_path, monkeypatch, schedule, inversion_pairs,
                                                 sampling_pairs):
     """ALGORITHM.md §1.7 and §4 with eps = z/2 + t/1000 + mean(text embedding of the frame)."""
-    from stages.models.load import encode_text
+    from stages.models.ops import encode_text
 
     ws = make_workspace(tmp_path / "ws", frames=2)
     _invert_fake(ws, tiny, monkeypatch, schedule=schedule)
@@ -249,7 +249,7 @@ def test_edit_step_ranges_for_p2p_sa1_and_sa2(half_ws, tiny, monkeypatch, steps,
 ])
 def test_edit_update_step_by_hand(half_ws, tiny, monkeypatch, schedule, pairs):
     """§5.1: slots [e(phi_i), e(target), z*(neg), z*(src)]; e <- DDIM(eps_1 + 7.5 (eps_1 - eps_0), G_i)."""
-    from stages.models.load import encode_text
+    from stages.models.ops import encode_text
 
     fake = FakeEditUNet(monkeypatch)
     inv = fake_inversion(tiny, 4, 2, (8, 8), schedule=schedule, guidance_scale=0.05)

@@ -116,7 +116,7 @@ def controller(models):
 
 
 def _ins(models, frames=4, seed=0, dtype=torch.float32):
-    from stages.models.load import encode_text
+    from stages.models.ops import encode_text
 
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(1, frames, 4, 8, 8, generator=gen).to(dtype)
@@ -132,7 +132,7 @@ def test_stdg_layers_are_found_by_name(controller):
 
 
 def test_recording_keeps_the_unet_output_and_truncation_stops_after_the_last_layer(models, controller):
-    from stages.models.load import unet_eps
+    from stages.models.ops import unet_eps
 
     temporal, spatial = stdg_layers(controller.names)
     z, emb = _ins(models)
@@ -197,7 +197,7 @@ def _check_layout(models, controller, mm, st):
 
 
 def test_stdg_gradient_matches_finite_differences_and_the_sum_of_components(models, controller):
-    from stages.invert.run import STDG, Passes
+    from stages.invert import STDG, Passes
 
     models.unet.double()
     try:
@@ -234,7 +234,7 @@ def test_stdg_gradient_matches_finite_differences_and_the_sum_of_components(mode
 
 
 def test_cut_graph_after_leaves_the_output_unchanged(models):
-    from stages.models.load import unet_eps
+    from stages.models.ops import unet_eps
 
     z, emb = _ins(models, seed=4)
     z.requires_grad_(True)

@@ -11,7 +11,7 @@ import torch
 from conftest import make_workspace
 from stages.method import ddim
 from stages.common.errors import InputError, Interrupted
-from stages.invert.run import InvertConfig, PhaseTimer, load_inversion, run_invert
+from stages.invert import InvertConfig, PhaseTimer, is_current, load_inversion, run_invert
 from stages.common.progress import Progress
 
 S, NULL = 3, 2
@@ -66,7 +66,7 @@ def test_ddim_inverse_step_and_step_are_exact_inverses_for_the_same_eps(schedule
 
 
 def test_stored_arrays_have_the_schema_shapes_and_dtypes(inverted, models):
-    from stages.models.load import vae_encode
+    from stages.models.ops import vae_encode
 
     ws, result = inverted
     F, D = 4, models.text_dim
@@ -120,7 +120,7 @@ def test_counts_follow_the_compute_rules(inverted):
 
 
 def test_replaying_the_stored_null_text_and_guidance_lands_on_the_stored_reconstruction(inverted, models):
-    from stages.models.load import encode_text, unet_eps
+    from stages.models.ops import encode_text, unet_eps
 
     ws, _ = inverted
     inv = load_inversion(ws)
@@ -239,8 +239,9 @@ def test_interrupted_run_resumes_to_the_same_result(inverted, models, tmp_path):
     assert exc.value.exit_code == 130 and "1 of 3" in str(exc.value)
     done = ws.read("inversion/done")
     assert done[0] and not done[1:].any() and ws.group_attrs("inversion")["status"] == "running"
+    assert is_current(ws, _cfg()) == (False, f"the inversion in {ws.path} is unfinished")
     result = run_invert(ws, _cfg(), Progress(quiet=True), models=models)
-    assert result["resumed_from"] == 1
+    assert result["resumed_from"] == 1 and is_current(ws, _cfg()) == (True, "")
     a, b = _arrays(ws_ref), _arrays(ws)
     for name in a:
         assert np.array_equal(a[name], b[name]), name
@@ -254,6 +255,22 @@ def test_changed_settings_are_refused_by_name_before_loading_a_model(inverted):
         run_invert(ws, _cfg(model="sd15-random"), Progress(quiet=True), models=None)
     again = run_invert(ws, _cfg(), Progress(quiet=True), models=None)  # finished: no model needed
     assert again["already_done"] and again["steps"] == S
+
+
+def test_is_current_says_what_run_invert_would_do(inverted, tmp_path):
+    ws, _ = inverted
+    assert is_current(ws, _cfg()) == (True, "")
+    ok, why = is_current(ws, _cfg(cfg=5.0))  # run_invert refuses this one with the same message
+    assert not ok and "cfg 7.5 -> 5.0" in why and "--restart" in why
+    with pytest.raises(InputError) as exc:
+        run_invert(ws, _cfg(cfg=5.0), Progress(quiet=True), models=None)
+    assert str(exc.value) == why
+    assert is_current(ws, _cfg(restart=True))[0] is False
+    assert "--compare-ddim" in is_current(ws, _cfg(compare_ddim=True))[1]
+    fresh = make_workspace(tmp_path / "fresh")
+    assert is_current(fresh, _cfg()) == (False, f"workspace {fresh.path} has no inversion")
+    fresh.remove("masks/edit")
+    assert "no masks/edit" in is_current(fresh, _cfg())[1]
 
 
 def test_store_components_combine_to_the_guidance(models, tmp_path):

@@ -12,7 +12,7 @@ import torch
 
 from conftest import make_workspace
 from stages.quality import metrics as M
-from stages.evaluate.run import EvalConfig, run_eval
+from stages.evaluate import EvalConfig, run_eval
 
 SHIFT = np.array([-0.030, -0.088, -0.188])  # LPIPS input normalisation (Zhang et al. 2018)
 SCALE = np.array([0.458, 0.448, 0.450])

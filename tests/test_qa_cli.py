@@ -103,14 +103,14 @@ def test_compare_skips_workspaces_with_nothing_to_evaluate(tmp_path):
 
 
 def test_demo_interrupt_says_start_over_not_resume(tmp_path, monkeypatch):
-    import stages.invert.run
+    import stages.invert
     import stages.models.load
 
     def interrupted(*a, **k):
         raise Interrupted("interrupted; 0 of 3 null-text steps are saved, rerun the same command to resume")
 
     monkeypatch.setattr(stages.models.load, "load_models", lambda *a, **k: None)
-    monkeypatch.setattr(stages.invert.run, "run_invert", interrupted)
+    monkeypatch.setattr(stages.invert, "run_invert", interrupted)
     r = vd("demo", tmp_path / "d", "--model", "tiny", "--frames", "4", "--size", "64", "-q")
     one_line_error(r, 130, "start it over")
     assert "resume" not in r.stderr

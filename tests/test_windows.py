@@ -60,7 +60,8 @@ def test_blend_mixes_per_frame_and_one_window_is_untouched():
 def test_windowed_null_text_gradient_equals_the_whole_clip_gradient(tiny):
     """Two identical windows (weights 1/2 each) must reproduce the one-window loss and phi gradient."""
     from stages.method import ddim
-    from stages.invert.run import Passes, _null_text_backward_windowed
+    from stages.invert import Passes
+    from stages.invert.nulltext import _null_text_backward_windowed
 
     F_ = 3
     g = torch.Generator().manual_seed(0)

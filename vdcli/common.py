@@ -83,6 +83,11 @@ def run(work: Callable[[Progress], dict[str, Any]], json_out: bool, quiet: bool,
     except Exception as exc:  # unexpected: keep it one line unless debugging
         if os.environ.get("VD_DEBUG"):
             traceback.print_exc()
+        from stages.models.oom import is_oom, out_of_memory
+
+        if is_oom(exc):  # a stage without its own answer (stages.models.oom): still one line, exit 5
+            err = out_of_memory(exc)
+            fail(first_line(err), err.exit_code)
         fail(f"unexpected {type(exc).__name__}: {first_line(str(exc))} (set VD_DEBUG=1 for a traceback)", 1)
     if json_out:
         from stages.common.jsonsafe import json_safe

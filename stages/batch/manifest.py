@@ -29,7 +29,7 @@ MASK_FLAGS = ("frames", "size", "start", "stride", "fps", "sample", "resize", "p
               "prompt_frame", "sam2", "mask_dir", "mask_video", "box_only", "no_ellipse")
 INVERT_FLAGS = ("prompt", "subject", "negative_prompt", "model", "steps", "cfg", "null_steps", "stdg", "region",
                 "no_stdg", "shared_null", "schedule", "seed", "per_frame_groupnorm", "store_components", "plain",
-                "compare_ddim", "dtype")
+                "compare_ddim", "dtype", "method")
 SECTIONS = ("mask", "invert", "edit", "eval")
 OTHER_KEYS = ("clip", "name", "edits", "preset", "device")
 CLIP_KEYS = frozenset(MASK_FLAGS + INVERT_FLAGS + SECTIONS + OTHER_KEYS)
@@ -45,9 +45,9 @@ class ClipPlan:
     name: str
     clip: str  # absolute local path or URL
     mask: Any  # stages.mask.run.MaskConfig
-    invert: Any  # stages.invert.run.InvertConfig
+    invert: Any  # stages.invert.InvertConfig
     edits: list[Any] = field(default_factory=list)  # stages.edit.run.EditConfig, one per edit
-    eval: Any = None  # stages.evaluate.run.EvalConfig
+    eval: Any = None  # stages.evaluate.EvalConfig
     edit_names: list[str] = field(default_factory=list)
 
 
@@ -142,8 +142,8 @@ def _check_keys(entry: dict[str, Any], where: str) -> None:
 
 def _plan(index: int, defaults: dict[str, Any], entry: dict[str, Any], base: Path, label: str) -> ClipPlan:
     from stages.edit.run import EditConfig
-    from stages.evaluate.run import EvalConfig, parse_metrics
-    from stages.invert.run import InvertConfig
+    from stages.evaluate import EvalConfig, parse_metrics
+    from stages.invert import InvertConfig
     from stages.mask.run import MaskConfig
 
     where_d, where_c = f"{label}: defaults", f"{label}: clips[{index}]"
@@ -173,7 +173,7 @@ def _plan(index: int, defaults: dict[str, Any], entry: dict[str, Any], base: Pat
     if not (invert.prompt or "").strip():
         raise InputError(f"{where_c}: missing `prompt:` (describe the source video)")
     _check_mask(mask, where_c)
-    _stage_check("stages.invert.run", "validate", invert, where_c)
+    _stage_check("stages.invert", "validate", invert, where_c)
 
     edits_raw = entry.get("edits", defaults.get("edits")) or []
     if not isinstance(edits_raw, list):
@@ -183,12 +183,17 @@ def _plan(index: int, defaults: dict[str, Any], entry: dict[str, Any], base: Pat
         at = f"{where_c}, edits[{k}]"
         if isinstance(item, str):
             item = {"prompt": item}
-        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
+        if isinstance(item, dict) and item.get("first_frame") and "prompt" not in item:
+            item = {**item, "prompt": ""}  # a first-frame edit without a prompt keeps the source prompt
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not (
+                item["prompt"].strip() or item.get("first_frame")):
             raise InputError(f"{at}: an edit is a prompt text or a mapping with `prompt:` (and optional `name:`)")
         owned = [key for key in BATCH_OWNED["edit"] + ("device", "dtype") if key in item]
         if owned:
             raise InputError(f"{at}: {owned[0]!r} is not a per-edit manifest setting")
         cfg = build_config(EditConfig, *section("edit"), Layer(item, at), *dev)
+        if cfg.first_frame:  # relative to the manifest, like clip paths
+            cfg.first_frame = str((base / cfg.first_frame).resolve())
         if invert.dtype != "auto":
             cfg.dtype = invert.dtype
         _stage_check("stages.edit.run", "validate_edit", cfg, at)
@@ -275,8 +280,12 @@ def _edit_name(cfg: Any, invert: Any, where: str) -> str:
     from stages.io.workspace import check_name
 
     try:
-        target, _mode = resolve_prompt(cfg.prompt, invert.prompt, invert.subject)
-        name = check_name(cfg.name or slug(changed_words(invert.prompt, target) or list(cfg.reweight)))
+        if cfg.first_frame and not cfg.prompt.strip():  # as stages.edit.run.plan_edit
+            target = invert.prompt
+        else:
+            target, _mode = resolve_prompt(cfg.prompt, invert.prompt, invert.subject)
+        name = check_name(cfg.name or slug(changed_words(invert.prompt, target) or list(cfg.reweight),
+                                           default="first-frame" if cfg.first_frame else "edit"))
     except VdError as exc:
         raise InputError(f"{where}: {first_line(exc)}") from None
     if "/" in name or name in RESERVED_NAMES:

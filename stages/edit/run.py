@@ -5,6 +5,7 @@ recon-uncond(negative prompt), recon-cond(source)] (§5.1); the recon slots get 
 z*_{t_i} = latents[S - i]. Attention edits (stages.method.control.editing): P2P refine/swap + reweight for
 steps < int(tau_c (S + 1)), SA-I for steps < int(S tau_s), SA-II after. The edit latent is updated with
 CFG (the inversion's scale) and the stored STDG gradient G_i (§3.7). Outputs go to edits/<name>/.
+The sampling loop is stages.edit.sampling; per-region edits (--region) are stages.edit.regions.
 """
 
 from __future__ import annotations
@@ -21,16 +22,15 @@ from stages import __version__
 
 from stages.io import locks as stagelock
 from stages.common.config import config_dict
-from stages.method.control.controller import AttentionController, install
-from stages.method.control.editing import (BLEND_BLOCKS, SA1_MAX_TOKENS, SA2_BLOCKS, EditAttention, KeyMasks, LocalBlend,
-                                    sa1_layers)
-from stages.method.ddim import cfg as cfg_combine, ddim_step
+from stages.method.control.editing import BLEND_BLOCKS, SA1_MAX_TOKENS, SA2_BLOCKS
+from stages.method.control.layout import LAYOUT_STEPS, LAYOUT_STRENGTH
 from stages.common.errors import InputError, Interrupted, UsageError
-from stages.invert.run import Inversion
+from stages.invert import Inversion
 from stages.common.progress import Progress
-from stages.method.prompts import changed_words, cross_plan, resolve_prompt, slug, word_positions, words
-from stages.method.windows import Windows, blend as blend_windows, plan_windows
+from stages.method.prompts import changed_words, resolve_prompt, slug, words
 from stages.io.workspace import Workspace, check_name
+from stages.edit.regions import RegionPlan, object_arrays, object_names, plan_regions, validate_regions
+from stages.edit.sampling import edit_latents
 
 
 # eval/<name> holds an edit's scores; these names are eval's own (the inversion's scores, the charts)
@@ -59,6 +59,14 @@ class EditConfig:
     sa1_blocks: list[str] = field(default_factory=list)  # explicit override of the token rule (block names)
     sa2_blocks: list[str] = field(default_factory=lambda: list(SA2_BLOCKS))
     blend_blocks: list[str] = field(default_factory=lambda: list(BLEND_BLOCKS))
+    regions: dict[str, str] = field(default_factory=dict)  # object name -> target phrase (notes/readme-regions.md)
+    objects: dict[str, str] = field(default_factory=dict)  # object name -> source phrase (overrides vd mask's)
+    layout_steps: float = LAYOUT_STEPS  # region layout bias for steps < int(S layout_steps)
+    layout_strength: float = LAYOUT_STRENGTH  # lambda of the layout bias
+    region_blend: bool = True  # regions: local blend per edited object from its own phrase
+    first_frame: str | None = None  # edited first frame (image path): SparseCtrl RGB on the target branch
+    first_frame_scale: float = 1.0  # SparseCtrl conditioning scale S
+    first_frame_steps: int | None = None  # SparseCtrl for steps < K (None: every step)
     output: str | None = None  # extra copy of the mp4
     force: bool = False
     device: str = "auto"
@@ -74,12 +82,14 @@ class EditJob:
     target: str
     mode: str
     words: list[str]
+    regions: RegionPlan | None = None  # per-region edit (mode "regions")
+    first_frame: Any = None  # stages.edit.first_frame.FirstFrame (--first-frame)
 
 
 # ----------------------------------------------------------------------------------------- inputs
 def load_inversion_for_edit(ws: Workspace) -> Inversion:
-    """The workspace's finished inversion (stages.invert.run.load_inversion), checked for what editing needs."""
-    from stages.invert.run import load_inversion
+    """The workspace's finished inversion (stages.invert.load_inversion), checked for what editing needs."""
+    from stages.invert import load_inversion
 
     inv = load_inversion(ws)
     if inv.attrs.get("status") != "done":
@@ -89,6 +99,9 @@ def load_inversion_for_edit(ws: Workspace) -> Inversion:
     if inv.null_embeddings.shape[:2] != (inv.steps, shape[1]) or inv.guidance.shape != (inv.steps,) + shape[1:] \
             or shape[0] != inv.steps + 1:
         raise InputError(f"the inversion arrays in {ws.path} have inconsistent shapes; re-invert with --restart")
+    from stages.edit.offsets import check_offsets
+
+    check_offsets(inv, ws.path)  # a direct inversion's offsets
     return inv
 
 
@@ -119,6 +132,10 @@ def validate_edit(cfg: EditConfig) -> None:
         raise UsageError(f"blend threshold must lie in (0, 1), got {cfg.blend_threshold}")
     if cfg.cross_mode not in ("auto", "refine", "swap"):
         raise UsageError(f"unknown cross-attention mode {cfg.cross_mode!r}; choose auto, refine or swap")
+    validate_regions(cfg)
+    from stages.edit.first_frame import check_settings
+
+    check_settings(cfg)
 
 
 def _check_output(output: str | None) -> None:
@@ -141,7 +158,12 @@ def _contains(text: str, phrase: str) -> bool:
 def plan_edit(ws: Workspace, inv: Inversion, cfg: EditConfig) -> EditJob:
     """Resolve prompt, name and words; every check that needs no model."""
     validate_edit(cfg)
-    target, mode = resolve_prompt(cfg.prompt, inv.prompt, inv.subject)
+    regions = plan_regions(ws, inv.prompt, cfg.regions, cfg.objects) if cfg.regions else None
+    if regions is None and cfg.first_frame and not cfg.prompt.strip():  # --first-frame alone: the source prompt
+        target, mode = inv.prompt, "first-frame"
+    else:
+        target, mode = (regions.target, "regions") if regions else resolve_prompt(cfg.prompt, inv.prompt,
+                                                                                  inv.subject)
     for word in cfg.reweight:
         if not _contains(target, word):
             raise InputError(f"reweight word {word!r} is not in the target prompt {target!r}")
@@ -150,7 +172,8 @@ def plan_edit(ws: Workspace, inv: Inversion, cfg: EditConfig) -> EditJob:
             raise InputError(f"blend word {word!r} is in neither the target nor the source prompt")
     changed = changed_words(inv.prompt, target)
     reweighted = [w for w in cfg.reweight if " ".join(words(w)) not in changed]
-    name = check_name(cfg.name or slug(changed or list(cfg.reweight)))
+    name = check_name(cfg.name or slug(changed or list(cfg.reweight), default="first-frame" if cfg.first_frame
+                                        else "edit"))
     if "/" in name:
         raise InputError(f"invalid edit name {name!r}: no '/'")
     if name in RESERVED_NAMES:
@@ -160,115 +183,10 @@ def plan_edit(ws: Workspace, inv: Inversion, cfg: EditConfig) -> EditJob:
     existing = ws.group_attrs(f"edits/{name}")
     if existing and existing.get("status") == "done" and not cfg.force:
         raise InputError(f"edit {name!r} already exists in {ws.path}; pass --force to replace it or --name NEW")
-    return EditJob(cfg, name, target, mode, changed + reweighted)
+    from stages.edit.first_frame import plan_first_frame
 
-
-# ----------------------------------------------------------------------------------------- the loop
-def _blend_positions(tokenizer: Any, text: str, blend_words: Sequence[str]) -> list[int]:
-    out: list[int] = []
-    for word in blend_words:
-        out.extend(word_positions(tokenizer, text, word))
-    return sorted(set(out))
-
-
-@torch.no_grad()
-def edit_latents(ws: Workspace, inv: Inversion, models: Any, job: EditJob,
-                 progress: Progress) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Run the S editing steps; returns the final edit latent (F, 4, h, w) and run statistics."""
-    from stages.models.load import encode_text, unet_eps
-
-    cfg, steps = job.cfg, inv.steps
-    dev = models.device
-    lat = torch.from_numpy(np.asarray(inv.latents, dtype=np.float32)).to(dev)
-    frames, h, w = lat.shape[1], lat.shape[3], lat.shape[4]
-    windows = inversion_windows(inv)
-    emb_tgt, emb_src, emb_neg = encode_text(models, [job.target, inv.prompt, inv.negative_prompt]).to(dev)
-
-    plan = cross_plan(models.tokenizer, inv.prompt, job.target, cfg.reweight, cfg.cross_mode)
-    key_masks = None
-    if cfg.sa2:
-        if not ws.has("masks/edit"):
-            raise InputError(f"workspace {ws.path} has no masks/edit; run `vd mask` (or pass --no-sa2)")
-        fg = torch.from_numpy(np.asarray(ws.read("masks/edit")) > 0)
-        hide = ~fg if cfg.background else fg
-        key_masks = [KeyMasks(hide[s:e_], (h, w)) for s, e_ in windows.spans]
-    blends = None
-    if cfg.blend:  # one recorder per window: maps exist per window, the masks are blended per frame
-        src_pos = _blend_positions(models.tokenizer, inv.prompt, cfg.blend)
-        tgt_pos = _blend_positions(models.tokenizer, job.target, cfg.blend)
-        blends = [LocalBlend(src_pos, tgt_pos, (h, w), cfg.blend_threshold) for _ in windows.spans]
-    sa1_steps = int(steps * cfg.tau_s)
-    cross_steps = int(cfg.tau_c * (steps + 1))
-    controller = install(models.unet, AttentionController())
-    sa1_names = sa1_layers(controller.names, (h, w), cfg.sa1_max_tokens, cfg.sa1_blocks,
-                           levels=len(models.unet.down_blocks))
-    control = EditAttention(sa1=cfg.sa1, sa2=cfg.sa2, cross=cfg.cross, sa1_steps=sa1_steps, cross_steps=cross_steps,
-                            mapper=plan.mapper, alphas=plan.alphas, equalizer=plan.equalizer,
-                            key_masks=key_masks[0] if key_masks else None, blend=blends[0] if blends else None,
-                            sa1_layers=tuple(sa1_names), sa2_blocks=tuple(cfg.sa2_blocks),
-                            blend_blocks=tuple(cfg.blend_blocks))
-    installed = control.install(controller)
-    blend_from = int(steps * cfg.blend_start)
-
-    e = lat[steps].clone()
-    sched = inv.schedule
-    try:
-        with progress.task(f"edit {job.name}", total=steps) as advance:
-            for i in range(steps):
-                controller.step = i
-                t, t_prev = sched.edit_timesteps[i], sched.edit_prev[i]
-                phi = torch.from_numpy(np.asarray(inv.null_embeddings[i], dtype=np.float32)).to(dev)
-                ref = lat[steps - i]
-                batch = torch.stack([e, e, ref, ref])
-                for rec in blends or ():
-                    rec.reset()
-
-                def window_eps(s: int, e_: int) -> torch.Tensor:
-                    k, n = windows.spans.index((s, e_)), e_ - s
-                    control.key_masks = key_masks[k] if key_masks else None
-                    control.blend = blends[k] if blends else None
-                    emb = torch.cat([phi[s:e_], emb_tgt.expand(n, -1, -1), emb_neg.expand(n, -1, -1),
-                                     emb_src.expand(n, -1, -1)])
-                    return unet_eps(models, batch[:, s:e_], t, emb)
-
-                eps = blend_windows(windows, window_eps)
-                guidance = None
-                if cfg.stdg:
-                    guidance = torch.from_numpy(np.asarray(inv.guidance[i], dtype=np.float32)).to(dev)
-                e = ddim_step(e, cfg_combine(eps[0], eps[1], inv.cfg), t, t_prev, guidance=guidance)
-                if blends is not None and i >= blend_from:
-                    mask = _blend_mask(windows, blends)
-                    if mask is not None:
-                        target = lat[steps - 1 - i]
-                        e = target + mask.to(dev) * (e - target)
-                advance(1, t=t)
-    finally:
-        controller.clear()
-    stats = {"unet_calls": steps, "unet_batch": 4, "sa1_steps": sa1_steps if cfg.sa1 else 0,
-             "sa2_steps": steps - sa1_steps if cfg.sa2 else 0, "cross_steps": cross_steps if cfg.cross else 0,
-             "cross_mode": plan.mode, "installed": {k: len(v) for k, v in installed.items()},
-             "sa1_layers": [n.removesuffix(".attn1") for n in installed["sa1"]],
-             "calls": dict(control.usage), "windows": windows.describe()}
-    return e, stats
-
-
-def inversion_windows(inv: Inversion) -> Windows:
-    """The temporal windows the inversion ran with (one window for inversions made before windows)."""
-    spec = inv.attrs.get("windows") or {}
-    if not spec:
-        return Windows(inv.frames, inv.frames, 0, ((0, inv.frames),))
-    return plan_windows(inv.frames, int(spec["window"]), int(spec["overlap"]))
-
-
-def _blend_mask(windows: Windows, blends: list[LocalBlend]) -> torch.Tensor | None:
-    """The local-blend mask per frame: one window's own, or the windows' masks mixed with their weights."""
-    masks = dict(zip(windows.spans, (b.mask() for b in blends)))
-    if windows.single or all(m is None for m in masks.values()):
-        return next(iter(masks.values()))
-    ref = next(m for m in masks.values() if m is not None)
-    # a window without recorded maps blends nothing in (a zero mask keeps the reconstruction path)
-    return blend_windows(windows, lambda s, e_: ref.new_zeros((e_ - s,) + tuple(ref.shape[1:]))
-                         if masks[(s, e_)] is None else masks[(s, e_)], frame_dim=0)
+    first = plan_first_frame(ws, cfg)  # reads and maps the image (exit 3 when it cannot be used)
+    return EditJob(cfg, name, target, mode, changed + reweighted, regions, first)
 
 
 # ----------------------------------------------------------------------------------------- outputs
@@ -286,6 +204,10 @@ def _write_outputs(ws: Workspace, inv: Inversion, job: EditJob, frames: np.ndarr
         labels.append("reconstruction")
     panels.append(frames)
     labels.append("edit")
+    if job.first_frame is not None:  # source | edited first frame | result
+        from stages.edit.first_frame import preview_panels
+
+        panels, labels = preview_panels(panels[0], job.first_frame, frames)
     outputs["preview"] = str(write_gif(ws.file_path(f"{base}/preview.gif"), side_by_side(*panels, labels=labels), fps))
     if job.cfg.output:
         outputs["output"] = str(write_mp4(job.cfg.output, frames, fps))
@@ -304,6 +226,8 @@ def _verify_inputs(ws: Workspace, cfgs: Sequence[EditConfig]) -> None:
     names = ["video/frames", "inversion/reconstruction"]
     if any(c.sa2 for c in cfgs):
         names.append("masks/edit")
+    if any(c.regions for c in cfgs):
+        names += object_arrays(object_names(ws)[0])
     for name in names:
         if ws.has(name):
             ws.verify(name)
@@ -327,12 +251,15 @@ def run_edits(ws: Workspace, cfgs: Sequence[EditConfig], progress: Progress | No
     reading.release()
     jobs = []
     for cfg in cfgs:
+        jobs.append(plan_edit(ws, inv, cfg))  # option errors (exit 2) before the inversion's region
         _check_region(ws, inv, cfg, progress)
-        jobs.append(plan_edit(ws, inv, cfg))
     names = [j.name for j in jobs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise InputError(f"several edits would be named {dup[0]!r}; give distinct prompts or names")
+    from stages.edit.first_frame import require_weights
+
+    require_weights(jobs)  # SparseCtrl for --first-frame: exit 4 before any model loads
     for name in names:  # one writer per edit name, held until every edit of this run is written
         stagelock.hold(ws.path, f"edits/{name}", "vd edit", f"edit {name!r} in {ws.path}")
     for job in jobs:
@@ -350,6 +277,10 @@ def run_edits(ws: Workspace, cfgs: Sequence[EditConfig], progress: Progress | No
         timings["load_models"] = time.perf_counter() - start
     spec, fingerprint = inv.model.get("spec", "?"), inv.model.get("fingerprint")
     if fingerprint and models.fingerprint != fingerprint:
+        from stages.models.identity import is_legacy, legacy_message
+
+        if is_legacy(fingerprint):
+            raise InputError(legacy_message(fingerprint, str(ws.path)))
         raise InputError(f"workspace was inverted with model {spec} ({fingerprint}); the loaded model is "
                          f"{models.spec} ({models.fingerprint})")
     results = []
@@ -364,7 +295,7 @@ def run_edits(ws: Workspace, cfgs: Sequence[EditConfig], progress: Progress | No
 
 def _run_job(ws: Workspace, inv: Inversion, models: Any, job: EditJob, progress: Progress,
              timings: dict[str, float]) -> dict[str, Any]:
-    from stages.models.load import vae_decode
+    from stages.models.ops import vae_decode
 
     base = f"edits/{job.name}"
     if ws.has(base):
@@ -372,7 +303,12 @@ def _run_job(ws: Workspace, inv: Inversion, models: Any, job: EditJob, progress:
     params = config_dict(job.cfg)
     ws.update_attrs(base, prompt=job.cfg.prompt, resolved_prompt=job.target, source_prompt=inv.prompt,
                     mode=job.mode, words=job.words, params=params, status="running",
-                    model={"spec": models.spec, "fingerprint": models.fingerprint})
+                    model={"spec": models.spec, "fingerprint": models.fingerprint},
+                    inversion=inv.attrs.get("config_hash"))  # what stages.edit.fresh compares
+    if job.first_frame is not None:  # a copy of the image, its digests and settings in the edit's folder
+        from stages.edit.first_frame import record
+
+        record(ws, base, job.first_frame)
     start = time.perf_counter()
     latent, stats = edit_latents(ws, inv, models, job, progress)
     timings["edit"] = time.perf_counter() - start

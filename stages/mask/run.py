@@ -1,4 +1,5 @@
-"""Stage `vd mask`: clip -> workspace with video/frames, masks/raw, masks/edit and masks/preview.gif.
+"""Stage `vd mask`: clip -> workspace with video/frames, masks/raw, masks/edit, masks/objects/<name>/{raw,edit}
+and masks/preview.gif. Several named objects are tracked in one SAM2 propagation (see stages.mask.objects).
 
 Everything that can fail on user input (options, the clip, the masks, SAM2 weights, the target
 workspace) is checked before the workspace is touched, so a failed run leaves nothing half-written.
@@ -7,7 +8,6 @@ A rerun on the same clip and frame selection reuses the workspace and replaces o
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +22,14 @@ from stages.method.ellipse import edit_masks
 from stages.common.errors import InputError, UsageError
 from stages.common.progress import Progress
 from stages.io.workspace import LOCK_DIR, Workspace
+from stages.mask.fresh import mask_settings
+from stages.mask import objects as obj
+from stages.mask.prompts import box_mask, check_prompts_inside, parse_box, parse_point
 from stages.common.digest import digest
 from stages.common.errors import first_line
+
+__all__ = ["MaskConfig", "box_mask", "check_options", "check_prompts_inside", "default_workspace", "import_mask_dir",
+           "import_mask_video", "parse_box", "parse_frames", "parse_point", "preview_frames", "run_mask"]
 
 LATER_STAGES = ("inversion", "edits", "eval")
 ALL_FRAMES = 0  # --frames all
@@ -51,57 +57,11 @@ class MaskConfig:
     box_only: bool = False
     ellipse: bool = True
     force: bool = False
-
-
-# ----------------------------------------------------------------------------------- prompts
-def parse_point(text: str) -> tuple[float, float, int]:
-    """'X,Y' or 'X,Y,LABEL' (label 1 = object, 0 = background) -> (x, y, label)."""
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        if len(parts) not in (2, 3):
-            raise ValueError
-        x, y = float(parts[0]), float(parts[1])
-        label = int(parts[2]) if len(parts) == 3 else 1
-    except ValueError:
-        raise UsageError(f"--point {text!r} must be X,Y or X,Y,LABEL (numbers; LABEL 1 object, 0 background)") from None
-    if label not in (0, 1) or not (math.isfinite(x) and math.isfinite(y)):
-        raise UsageError(f"--point {text!r}: LABEL must be 1 (object) or 0 (background)")
-    return x, y, label
-
-
-def parse_box(text: str) -> tuple[float, float, float, float]:
-    """'X0,Y0,X1,Y1' -> floats with X0 < X1 and Y0 < Y1."""
-    try:
-        values = tuple(float(p) for p in str(text).split(","))
-        if len(values) != 4 or not all(math.isfinite(v) for v in values):
-            raise ValueError
-    except ValueError:
-        raise UsageError(f"--box {text!r} must be X0,Y0,X1,Y1 (four numbers)") from None
-    x0, y0, x1, y1 = values
-    if x1 <= x0 or y1 <= y0:
-        raise UsageError(f"--box {text!r}: need X0 < X1 and Y0 < Y1")
-    return x0, y0, x1, y1
-
-
-def check_prompts_inside(points: list[tuple[float, float, int]], box: tuple[float, ...] | None,
-                          height: int, width: int) -> None:
-    for x, y, _ in points:
-        if not (0 <= x < width and 0 <= y < height):
-            raise InputError(f"--point {x:g},{y:g} is outside the {width}x{height} output frame "
-                             f"(coordinates are in output pixels)")
-    if box is not None:
-        x0, y0, x1, y1 = box
-        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-            raise InputError(f"--box {x0:g},{y0:g},{x1:g},{y1:g} is outside the {width}x{height} output frame "
-                             f"(coordinates are in output pixels)")
-
-
-def box_mask(box: tuple[float, float, float, float], frames: int, height: int, width: int) -> np.ndarray:
-    """The same filled rectangle on every frame (uint8 0/1)."""
-    x0, y0, x1, y1 = box
-    mask = np.zeros((frames, height, width), np.uint8)
-    mask[:, int(math.floor(y0)):int(math.ceil(y1)), int(math.floor(x0)):int(math.ceil(x1))] = 1
-    return mask
+    text: str | None = None  # single-object form: the detector finds the box from this phrase
+    subject: str | None = None  # single-object form: the object's phrase; its name is the phrase with '_'
+    objects: list[dict[str, Any]] = field(default_factory=list)  # [{name, phrase, points, box, text}]
+    detector: str = "auto"  # Grounding DINO folder for --text (auto: $VD_GROUNDING_DINO or the HF cache)
+    text_threshold: float = 0.3  # the least detector score a --text box needs
 
 
 # ----------------------------------------------------------------------------------- imports
@@ -225,14 +185,20 @@ def check_options(cfg: MaskConfig) -> None:
     imported = [name for name, value in (("--mask-dir", cfg.mask_dir), ("--mask-video", cfg.mask_video)) if value]
     if len(imported) > 1:
         raise UsageError("use either --mask-dir or --mask-video, not both")
-    if imported and (cfg.points or cfg.box):
-        raise UsageError(f"{imported[0]} imports masks; drop --point/--box (they prompt SAM2)")
+    if imported and (cfg.points or cfg.box or cfg.text or cfg.objects):
+        raise UsageError(f"{imported[0]} imports masks; drop --object/--point/--box/--text (they prompt SAM2)")
+    if cfg.box_only and cfg.objects:
+        raise UsageError("--box-only takes one object (--box alone); named objects are tracked by SAM2")
     if cfg.box_only and not cfg.box:
         raise UsageError("--box-only needs --box X0,Y0,X1,Y1")
-    if cfg.box_only and cfg.points:
-        raise UsageError("--box-only uses the box alone; drop --point")
-    if not (imported or cfg.points or cfg.box):
-        raise UsageError("no mask source: give --point/--box (SAM2), --mask-dir DIR or --mask-video FILE")
+    if cfg.box_only and (cfg.points or cfg.text):
+        raise UsageError("--box-only uses the box alone; drop --point/--text")
+    if not (imported or cfg.points or cfg.box or cfg.text or cfg.objects):
+        raise UsageError("no mask source: give --point/--box/--text (SAM2), --object NAME ..., --mask-dir DIR "
+                         "or --mask-video FILE")
+    if not 0 < cfg.text_threshold <= 1:
+        raise UsageError(f"--text-threshold must be in (0, 1] (got {cfg.text_threshold})")
+    obj.object_specs(cfg)  # names, duplicates, objects without prompts
     if cfg.prompt_frame < 0:
         raise UsageError(f"--prompt-frame must be >= 0 (got {cfg.prompt_frame})")
     if cfg.frames != ALL_FRAMES and cfg.prompt_frame >= cfg.frames:
@@ -250,8 +216,7 @@ def run_mask(clip: str | Path, output: str | Path | None, config: MaskConfig,
     started = time.monotonic()
     check_options(config)
     size_hw = vid.parse_size(config.size)
-    points = [parse_point(p) for p in config.points]
-    box = parse_box(config.box) if config.box else None
+    specs = obj.object_specs(config)
     clip = Path(clip)
     info = vid.probe(clip)  # not found / not a video fail here, before any slow work
     target = Path(output) if output else default_workspace(clip)
@@ -263,9 +228,13 @@ def run_mask(clip: str | Path, output: str | Path | None, config: MaskConfig,
 
     method = "mask-dir" if config.mask_dir else "mask-video" if config.mask_video else \
         "box" if config.box_only else "sam2"
-    checkpoint = None
+    checkpoint = detector = None
     if method == "sam2":
         checkpoint = sam2_track.resolve_checkpoint(config.sam2)  # exit 4 before decoding when missing
+        if any(spec.text for spec in specs):
+            from stages.models.detector import resolve_detector
+
+            detector = resolve_detector(config.detector)
 
     progress.log(f"decoding {clip} ({info.kind}, {info.size[1]}x{info.size[0]}, {info.fps:g} fps)")
     loaded = vid.load_clip(clip, config.frames, size_hw, config.start, config.stride, config.fps,
@@ -274,35 +243,51 @@ def run_mask(clip: str | Path, output: str | Path | None, config: MaskConfig,
     count, height, width = frames.shape[:3]
     if config.prompt_frame >= count:
         raise UsageError(f"--prompt-frame {config.prompt_frame} is outside the clip's {count} kept frames")
-    check_prompts_inside(points, box, height, width)
+    obj.check_objects_inside(specs, height, width)
 
     mask_info: dict[str, Any] = {"method": method}
+    pairs = np.zeros((len(specs), len(specs)), np.int64)
+    scores: dict[str, float] = {}
     if method == "sam2":
+        if detector is not None:
+            from stages.mask.text import boxes_from_text
+
+            found = boxes_from_text(specs, frames[config.prompt_frame], detector, config.text_threshold,
+                                    config.prompt_frame, config.device, progress)
+            for spec in specs:
+                if spec.name in found:
+                    spec.box, scores[spec.name] = found[spec.name].box, round(found[spec.name].score, 4)
         progress.log(f"SAM2: {checkpoint or 'random weights (testing only)'}")
         predictor = sam2_track.load_predictor(checkpoint, config.device)
-        raw = sam2_track.track(predictor, frames, points, box, config.prompt_frame, progress)
+        masks, pairs = sam2_track.track_objects(predictor, frames, [(s.points, s.box) for s in specs],
+                                                config.prompt_frame, progress)
+        first = specs[0]
         mask_info.update(sam2=str(checkpoint) if checkpoint else sam2_track.RANDOM,
-                         points=[list(p) for p in points], box=list(box) if box else None,
+                         points=[list(p) for p in first.points] if len(specs) == 1 else [],
+                         box=list(first.box) if len(specs) == 1 and first.box else None,
                          prompt_frame=config.prompt_frame)
     elif method == "box":
         progress.log("--box-only: the same box on every frame (no tracking)")
-        raw = box_mask(box, count, height, width)  # type: ignore[arg-type]
-        mask_info.update(box=list(box), prompt_frame=config.prompt_frame)  # type: ignore[arg-type]
+        masks = box_mask(specs[0].box, count, height, width)[None]  # type: ignore[arg-type]
+        mask_info.update(box=list(specs[0].box), prompt_frame=config.prompt_frame)  # type: ignore[arg-type]
     elif method == "mask-dir":
-        raw = import_mask_dir(config.mask_dir, loaded)  # type: ignore[arg-type]
+        masks = import_mask_dir(config.mask_dir, loaded)[None]  # type: ignore[arg-type]
         mask_info.update(mask_dir=str(Path(config.mask_dir).resolve()))  # type: ignore[arg-type]
     else:
-        raw = import_mask_video(config.mask_video, loaded)  # type: ignore[arg-type]
+        masks = import_mask_video(config.mask_video, loaded)[None]  # type: ignore[arg-type]
         mask_info.update(mask_video=str(Path(config.mask_video).resolve()))  # type: ignore[arg-type]
 
-    if not raw[config.prompt_frame].any():
-        what = "SAM2 found no object at the prompt" if method == "sam2" else "the given mask is empty"
-        raise InputError(f"the mask on frame {config.prompt_frame} is empty ({what}); "
-                         f"check the prompt coordinates (output pixels) or the masks")
+    _check_prompt_frame(masks, specs, pairs, method, config.prompt_frame)
+    raw = masks.max(axis=0)
     empty = [int(i) for i in np.nonzero(~raw.reshape(count, -1).any(axis=1))[0]]
     if empty:
         progress.log(f"warning: empty mask on frame(s) {empty}")
-    edit = edit_masks(raw, config.ellipse)
+    edits = np.stack([edit_masks(m, config.ellipse) for m in masks])
+    edit = edits.max(axis=0)
+    overlaps = obj.overlap_report([s.name for s in specs], pairs)
+    for key, pixels in overlaps.items():
+        if pixels:
+            progress.log(f"overlap {key}: {pixels} pixels over all frames, each given to the higher SAM2 score")
 
     if not existing:
         _lock_workspace(target)
@@ -311,18 +296,34 @@ def run_mask(clip: str | Path, output: str | Path | None, config: MaskConfig,
     old_masks = ws.group_attrs("masks").get("edit_sha256")
     ws.write_array("masks/raw", raw)
     ws.write_array("masks/edit", edit)
+    objects = obj.write_objects(ws, specs, masks, edits, pairs)
     coverage_raw = [round(float(m.mean()), 5) for m in raw]
     coverage_edit = [round(float(m.mean()), 5) for m in edit]
+    described = [dict(spec.summary(), coverage=objects["coverage"][spec.name],
+                      **({"score": scores[spec.name]} if spec.name in scores else {})) for spec in specs]
     mask_info.update(ellipse=bool(config.ellipse), coverage_raw=coverage_raw, coverage_edit=coverage_edit,
-                     empty_frames=empty, edit_sha256=digest(edit), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                     empty_frames=empty, edit_sha256=digest(edit), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                     objects=described)
     ws.update_attrs("masks", **{k: mask_info.get(k) for k in (
         "method", "ellipse", "sam2", "points", "box", "prompt_frame", "mask_dir", "mask_video",
-        "coverage_raw", "coverage_edit", "empty_frames", "edit_sha256", "created")})
+        "coverage_raw", "coverage_edit", "empty_frames", "edit_sha256", "created", "objects")})
+    ws.update_attrs("masks", settings=mask_settings(config, sha256))  # what stages.mask.fresh compares
     if reused and old_masks and old_masks != mask_info["edit_sha256"] and ws.has("inversion"):
         progress.log("note: masks changed; inversion/ was computed with the old masks "
                      "(rerun `vd invert --restart` to use the new ones)")
     preview = ws.file_path("masks/preview.gif")
-    vid.write_gif(preview, preview_frames(frames, raw, edit), loaded.source["fps_out"])
+    named = bool(config.objects or config.subject)
+    if len(specs) == 1:
+        shown = preview_frames(frames, raw, edit)
+        if named:
+            from stages.mask.preview import draw_names
+
+            shown = draw_names(shown, [specs[0].name], [raw])
+    else:
+        from stages.mask.preview import preview_objects
+
+        shown = preview_objects(frames, [s.name for s in specs], list(masks), list(edits))
+    vid.write_gif(preview, shown, loaded.source["fps_out"])
     return {
         "workspace": str(ws.path.resolve()),
         "reused": reused,
@@ -334,9 +335,28 @@ def run_mask(clip: str | Path, output: str | Path | None, config: MaskConfig,
         "fps_out": loaded.source["fps_out"],
         "mask": {"method": method, "ellipse": bool(config.ellipse), "coverage_raw": coverage_raw,
                  "coverage_edit": coverage_edit, "empty_frames": empty},
+        "objects": described,
+        "overlap_pixels": overlaps,
         "preview": str(preview.resolve()),
         "seconds": round(time.monotonic() - started, 2),
     }
+
+
+def _check_prompt_frame(masks: np.ndarray, specs: Any, pairs: np.ndarray, method: str, frame: int) -> None:
+    """Every object must be visible on the prompt frame (after the overlap resolution)."""
+    for k, spec in enumerate(specs):
+        if masks[k, frame].any():
+            continue
+        if method != "sam2":
+            raise InputError(f"the mask on frame {frame} is empty (the given mask is empty); "
+                             f"check the prompt coordinates (output pixels) or the masks")
+        if len(specs) == 1:
+            raise InputError(f"the mask on frame {frame} is empty (SAM2 found no object at the prompt); "
+                             f"check the prompt coordinates (output pixels) or the masks")
+        rivals = [specs[j].name for j in range(len(specs)) if j != k and pairs[min(j, k), max(j, k)] > 0]
+        cover = f", or object {rivals[0]!r} scored higher on all of it" if rivals else ""
+        raise InputError(f"object {spec.name!r} is empty on frame {frame} (SAM2 found nothing at its prompt"
+                         f"{cover}); check its prompt (output pixels)")
 
 
 def preview_frames(frames: np.ndarray, raw: np.ndarray, edit: np.ndarray) -> np.ndarray:

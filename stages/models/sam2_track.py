@@ -13,36 +13,15 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from stages.common.errors import InputError, ModelMissingError, UsageError
-from stages.common.errors import first_line
+from stages.common.errors import InputError, ModelMissingError, UsageError, first_line
+from stages.models import catalog
+from stages.models.catalog import ENV_SAM2_DIR, SAM2_CHECKPOINTS
 
-_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
-
-
-@dataclass(frozen=True)
-class Sam2Checkpoint:
-    """One official SAM2.1 checkpoint: file name, Hub repo, direct URL and sam2 config name."""
-
-    name: str
-    filename: str
-    hub_id: str
-    url: str
-    config: str
-    size_mb: int
-
-
-SAM2_CHECKPOINTS: dict[str, Sam2Checkpoint] = {
-    name: Sam2Checkpoint(name, f"sam2.1_hiera_{name}.pt", f"facebook/sam2.1-hiera-{name.replace('_', '-')}",
-                         f"{_URL}sam2.1_hiera_{name}.pt", f"configs/sam2.1/sam2.1_hiera_{short}.yaml", size)
-    for name, short, size in (("tiny", "t", 156), ("small", "s", 184), ("base_plus", "b+", 324),
-                              ("large", "l", 898))
-}
 ALIASES = {"t": "tiny", "s": "small", "base": "base_plus", "base-plus": "base_plus", "b+": "base_plus",
            "l": "large"}
 AUTO_ORDER = ("large", "base_plus", "small", "tiny")
@@ -59,11 +38,8 @@ def canonical_name(name: str) -> str:
 
 def sam2_dirs() -> list[Path]:
     """Folders searched for checkpoint files, besides the Hugging Face cache."""
-    dirs = []
-    if os.environ.get("VD_SAM2_DIR"):
-        dirs.append(Path(os.environ["VD_SAM2_DIR"]).expanduser())
-    dirs.append(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "vd" / "sam2")
-    return dirs
+    dirs = [Path(os.environ[ENV_SAM2_DIR]).expanduser()] if os.environ.get(ENV_SAM2_DIR) else []
+    return [*dirs, catalog.vd_cache("sam2")]
 
 
 def find_sam2_checkpoint(name: str) -> Path | None:
@@ -82,24 +58,7 @@ def find_sam2_checkpoint(name: str) -> Path | None:
     for folder in sam2_dirs():
         if (folder / ckpt.filename).is_file():
             return folder / ckpt.filename
-    return _hf_cached(ckpt.hub_id, ckpt.filename)
-
-
-def _hf_cached(repo_id: str, filename: str) -> Path | None:
-    try:
-        from huggingface_hub import constants, try_to_load_from_cache
-    except ImportError:
-        return None
-    try:
-        found = try_to_load_from_cache(repo_id, filename)
-        if isinstance(found, str) and Path(found).is_file():
-            return Path(found)
-        # a snapshot without refs/main (copied caches) is still usable
-        repo_dir = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
-        matches = sorted(repo_dir.glob(f"*/{filename}"))
-        return matches[-1] if matches and matches[-1].is_file() else None
-    except Exception:  # a malformed cache folder must not break the lookup
-        return None
+    return catalog.hub_file(ckpt.hub_id, ckpt.filename)
 
 
 def how_to_get(name: str = "large") -> str:
@@ -309,3 +268,80 @@ def track(predictor: Any, frames: np.ndarray, points: Sequence[tuple[float, floa
     return masks
 
 
+
+
+# ----------------------------------------------------------------------------------- several objects
+def resolve_overlaps(logits: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Give each pixel to at most one object: the one with the highest SAM2 logit, if that logit is > 0.
+
+    `logits` (N, H, W) (numpy or torch). Returns (owner, pairs): owner uint8 (H, W) holding 0 for no
+    object and k + 1 for object k; pairs int64 (N, N), upper triangle: pixels where objects i < j both had
+    a positive logit before the resolution. Ties go to the earlier object.
+    """
+    import torch
+
+    scores = torch.as_tensor(logits).float()
+    positive = scores > 0
+    best = scores.argmax(dim=0)
+    owner = torch.where(positive.any(dim=0), best + 1, torch.zeros_like(best))
+    count = scores.shape[0]
+    pairs = np.zeros((count, count), np.int64)
+    flat = positive.reshape(count, -1).float()
+    if count > 1:
+        both = (flat @ flat.T).round().long().cpu().numpy()
+        pairs = np.triu(both, k=1).astype(np.int64)
+    return owner.to(torch.uint8).cpu().numpy(), pairs
+
+
+def track_objects(predictor: Any, frames: np.ndarray,
+                  prompts: Sequence[tuple[Sequence[tuple[float, float, int]], Sequence[float] | None]],
+                  prompt_frame: int = 0, progress: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Track several objects, prompted on `prompt_frame`, in ONE SAM2 propagation (forward, then backward).
+
+    `prompts[k]` = (points, box) of object k, as in `track` (pixels of `frames`). Overlaps are resolved
+    per pixel by the highest logit (`resolve_overlaps`). Returns (masks, pairs): masks uint8 (N, F, H, W)
+    0/1, disjoint across objects; pairs int64 (N, N): overlapping pixels of objects i < j summed over all
+    frames, before the resolution.
+    """
+    import torch
+
+    count = len(frames)
+    if not prompts:
+        raise UsageError("SAM2 needs at least one object")
+    for points, box in prompts:
+        if not points and box is None:
+            raise UsageError("SAM2 needs at least one --point or a --box for every object")
+    if not 0 <= prompt_frame < count:
+        raise UsageError(f"--prompt-frame {prompt_frame} is outside the {count} frames")
+    device = str(predictor.device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
+                else contextlib.nullcontext())
+    number = len(prompts)
+    masks = np.zeros((number, *frames.shape[:3]), np.uint8)
+    pairs = np.zeros((number, number), np.int64)
+    seen: set[int] = set()
+    total = count + (1 if prompt_frame > 0 else 0)
+    task = progress.task("SAM2 tracking", total) if progress is not None else contextlib.nullcontext()
+    with _in_memory_video(frames, device), torch.inference_mode(), autocast, task as advance:
+        state = predictor.init_state(video_path="<memory>", offload_video_to_cpu=device == "cpu")
+        for k, (points, box) in enumerate(prompts):
+            kwargs: dict[str, Any] = {}
+            if points:
+                kwargs["points"] = np.array([[p[0], p[1]] for p in points], np.float32)
+                kwargs["labels"] = np.array([int(p[2]) for p in points], np.int32)
+            if box is not None:
+                kwargs["box"] = np.array(box, np.float32)
+            predictor.add_new_points_or_box(state, frame_idx=prompt_frame, obj_id=k + 1, **kwargs)
+        for reverse in (False, True):
+            for index, obj_ids, logits in predictor.propagate_in_video(state, start_frame_idx=prompt_frame,
+                                                                       reverse=reverse):
+                order = [list(obj_ids).index(k + 1) for k in range(number)]
+                owner, counted = resolve_overlaps(logits[order, 0].float())
+                for k in range(number):
+                    masks[k, index] = owner == k + 1
+                if index not in seen:  # the prompt frame comes twice (both directions): count it once
+                    pairs += counted
+                    seen.add(index)
+                if advance:
+                    advance()
+    return masks, pairs

@@ -14,12 +14,12 @@ from functools import lru_cache
 from pathlib import Path
 
 from stages.common.errors import ModelMissingError
+from stages.models.catalog import CLIP_BPE_FILE
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 BOS_ID, EOS_ID = 49406, 49407
 VOCAB_SIZE = 49408
 MAX_LENGTH = 77
-BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 # CLIP keeps the first 49152 - 256 - 2 merges of the table (the file holds more).
 NUM_MERGES = 49152 - 256 - 2
 
@@ -29,7 +29,7 @@ def bpe_path() -> Path:
     spec = importlib.util.find_spec("open_clip")
     if spec is None or spec.origin is None:
         raise ModelMissingError("CLIP BPE vocabulary not found: install open-clip-torch (pip install open-clip-torch)")
-    path = Path(spec.origin).parent / BPE_FILE
+    path = Path(spec.origin).parent / CLIP_BPE_FILE
     if not path.is_file():
         raise ModelMissingError(f"CLIP BPE vocabulary missing at {path}: reinstall open-clip-torch")
     return path

@@ -1,4 +1,5 @@
-"""`vd edit`: edit an inverted clip with a new prompt (or a phrase that replaces the subject)."""
+"""`vd edit`: edit an inverted clip with a new prompt (or a phrase that replaces the subject), or edit named
+objects one phrase each (`--region NAME=PHRASE`, notes/readme-regions.md)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,15 @@ def read_prompt_file(path: Path) -> list[str]:
     return prompts
 
 
+def edit_settings(line: str) -> dict[str, Any]:
+    """The per-edit settings of a prompt or prompt-file line: {"prompt": ...} or, for a line
+    `regions: NAME=PHRASE ...`, {"regions": {...}}."""
+    from stages.edit.regions import parse_regions_line
+
+    regions = parse_regions_line(line)
+    return {"prompt": line} if regions is None else {"regions": regions}
+
+
 @app.command("edit")
 def edit_command(
     workspace: Annotated[Path, typer.Argument(metavar="WS", show_default=False,
@@ -56,7 +66,15 @@ def edit_command(
              "(\"tiger\" turns \"A brown bear, walking ...\" into \"A tiger, walking ...\").")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option(
         "--prompt-file", metavar="FILE", rich_help_panel=_IN,
-        help="One edit per line (blank lines and # comments skipped); the model loads once.")] = None,
+        help="One edit per line (blank lines and # comments skipped; `regions: NAME=PHRASE ...` lines are "
+             "region edits); the model loads once.")] = None,
+    region: Annotated[Optional[list[str]], typer.Option(
+        "--region", metavar="NAME=PHRASE", rich_help_panel=_IN,
+        help="Edit the named object (vd mask --object) into PHRASE (repeatable): its source phrase in the "
+             "prompt is replaced, e.g. dog=\"a white cat\".")] = None,
+    objects: Annotated[Optional[list[str]], typer.Option(
+        "--object", metavar="NAME=PHRASE", rich_help_panel=_IN,
+        help="Source phrase of an object (words of the inversion prompt), when vd mask stored none.")] = None,
     name: Annotated[Optional[str], typer.Option(
         "--name", "-n", rich_help_panel=_OUT, help="Edit name under edits/ (default: the changed words).")] = None,
     reweight: Annotated[Optional[list[str]], typer.Option(
@@ -85,6 +103,26 @@ def edit_command(
                                            help="Disable Prompt-to-Prompt cross-attention control.")] = False,
     no_stdg: Annotated[bool, typer.Option("--no-stdg", rich_help_panel=_METHOD,
                                           help="Do not apply the stored STDG guidance.")] = False,
+    layout_steps: Annotated[Optional[float], typer.Option(
+        "--layout-steps", rich_help_panel=_METHOD,
+        help="Regions: fraction of steps with the cross-attention layout bias (0 = off). (default 0.3)")] = None,
+    layout_strength: Annotated[Optional[float], typer.Option(
+        "--layout-strength", rich_help_panel=_METHOD,
+        help="Regions: lambda of the layout bias lambda (1 - area) t/1000. (default 2.5)")] = None,
+    no_region_blend: Annotated[bool, typer.Option(
+        "--no-region-blend", rich_help_panel=_METHOD,
+        help="Regions: no local blend per object (unedited objects are then not pinned to the source).")] = False,
+    first_frame: Annotated[Optional[Path], typer.Option(
+        "--first-frame", metavar="IMAGE", rich_help_panel=_IN,
+        help="Edited first frame (RGB image at the workspace's frame size, or resized with its crop/pad rule): "
+             "conditions the edit through SparseCtrl RGB (vd models --get sparsectrl-rgb). Without --prompt the "
+             "target prompt is the source prompt.")] = None,
+    first_frame_scale: Annotated[Optional[float], typer.Option(
+        "--first-frame-scale", metavar="S", rich_help_panel=_METHOD,
+        help="SparseCtrl conditioning scale (>= 0; 0 = no effect). (default 1.0)")] = None,
+    first_frame_steps: Annotated[Optional[int], typer.Option(
+        "--first-frame-steps", metavar="K", rich_help_panel=_METHOD,
+        help="Condition the first K sampling steps only. (default: every step)")] = None,
     preset: Annotated[Optional[str], typer.Option(
         "--preset", rich_help_panel=_METHOD, help="Preset name or YAML file (its `edit:` section).")] = None,
     output: Annotated[Optional[Path], typer.Option(
@@ -98,7 +136,8 @@ def edit_command(
 ) -> None:
     """Edit the clip: Prompt-to-Prompt cross-attention, SA-I/SA-II self-attention control and STDG.
 
-    Writes edits/<name>/{frames, edit.mp4, preview.gif} in the workspace and prints the mp4 path.
+    Writes edits/<name>/{frames, edit.mp4, preview.gif} in the workspace and prints the mp4 path; with
+    --first-frame also the image (first_frame.<ext>, first_frame) and SparseCtrl RGB conditions the edit.
     """
 
     def work(progress: Any) -> dict[str, Any]:
@@ -106,12 +145,31 @@ def edit_command(
         from stages.common.errors import UsageError
         from stages.io.workspace import Workspace
 
-        if (prompt is None) == (prompt_file is None):
-            raise UsageError("give exactly one of --prompt TEXT or --prompt-file FILE")
+        given = (prompt is not None) + (prompt_file is not None) + bool(region)
+        if given > 1 or (given == 0 and first_frame is None):
+            raise UsageError("give exactly one of --prompt TEXT, --prompt-file FILE or --region NAME=PHRASE")
+        if first_frame is None and (first_frame_scale is not None or first_frame_steps is not None):
+            raise UsageError("--first-frame-scale and --first-frame-steps need --first-frame IMAGE")
         if prompt_file is not None and (name or output):
             raise UsageError("--name and -o apply to a single edit; they cannot be combined with --prompt-file")
+        from stages.edit.regions import parse_assignments  # torch (via prompts): after the cheap checks
+
+        regions = parse_assignments(region, "--region")
         ws = Workspace.open(workspace)
-        prompts = [prompt] if prompt is not None else read_prompt_file(prompt_file)  # type: ignore[list-item]
+        if regions:
+            edits = [{"regions": regions}]
+        elif prompt is not None:
+            edits = [{"prompt": prompt}]
+        elif prompt_file is not None:
+            edits = [edit_settings(line) for line in read_prompt_file(prompt_file)]
+        else:  # --first-frame alone: the target prompt is the source prompt
+            edits = [{}]
+        sources = parse_assignments(objects, "--object")
+        if sources and not any("regions" in edit for edit in edits):
+            raise UsageError("--object gives the source phrases of region edits; add --region NAME=PHRASE")
+        for edit in edits:  # the source phrases belong to the region edits only
+            if sources and "regions" in edit:
+                edit["objects"] = sources
         flags: dict[str, Any] = {
             "name": name, "reweight": parse_reweight(reweight) or None, "tau_s": tau_s, "tau_c": tau_c,
             "background": True if background else None, "cross_mode": cross_mode,
@@ -119,11 +177,15 @@ def edit_command(
             "sa1": False if no_sa1 else None, "sa2": False if no_sa2 else None,
             "cross": False if no_cross else None, "stdg": False if no_stdg else None,
             "output": str(output) if output else None, "force": force or None, "device": device, "dtype": dtype,
+            "layout_steps": layout_steps,
+            "layout_strength": layout_strength, "region_blend": False if no_region_blend else None,
+            "first_frame": str(first_frame.expanduser().absolute()) if first_frame is not None else None,
+            "first_frame_scale": first_frame_scale, "first_frame_steps": first_frame_steps,
         }
         section = preset_section(preset, "edit")
         from stages.edit.run import EditConfig, run_edits  # torch: after the cheap checks
 
-        cfgs = [build_config(EditConfig, section, options(flags), options({"prompt": p})) for p in prompts]
+        cfgs = [build_config(EditConfig, section, options(flags), options(edit)) for edit in edits]
         results = run_edits(ws, cfgs, progress)
         if len(results) == 1:
             return results[0]

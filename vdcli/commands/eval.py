@@ -20,6 +20,8 @@ LABELS = {
     "warp_error_source": "warp err. source", "smoothness": "smoothness ↑",
     "smoothness_source": "smoothness source", "vbench_smoothness": "VBench smooth. ↑",
     "clip_score": "CLIP score ↑", "pickscore": "PickScore ↑",
+    "invert_s": "invert s ↓", "recon_psnr": "recon PSNR dB ↑", "vae_psnr": "VAE ceiling dB",
+    "below_vae_db": "below VAE dB ↓",
 }
 
 
@@ -70,7 +72,7 @@ def eval_command(
 
     def work(progress: Any) -> dict[str, Any]:
         from stages.common.errors import UsageError
-        from stages.evaluate.run import EvalConfig, compare as compare_all, parse_metrics, run_eval
+        from stages.evaluate import EvalConfig, compare as compare_all, parse_metrics, run_eval
 
         if all_edits and edit:
             raise UsageError("--all and --edit contradict each other; use one")
@@ -148,7 +150,7 @@ def _edits_table(columns: dict[str, dict[str, Any]], title: str, seen: list[tupl
 def _print_eval(result: dict[str, Any]) -> None:
     from rich.console import Console
 
-    from stages.evaluate.run import RECON
+    from stages.evaluate import RECON
 
     console = Console()
     items = result["items"]
@@ -170,7 +172,7 @@ def _print_eval(result: dict[str, Any]) -> None:
 def print_compare(result: dict[str, Any]) -> None:
     from rich.console import Console
 
-    from stages.evaluate.run import RECON
+    from stages.evaluate import RECON
 
     console = Console()
     groups = result["groups"]
@@ -181,6 +183,11 @@ def print_compare(result: dict[str, Any]) -> None:
     edits = {f"{n} n={g['n']}": g["metrics"] for n, g in groups.items() if n != RECON}
     if edits:
         console.print(_edits_table(edits, f"Edits, mean over {clips} clip(s)", seen))
+    if len(result.get("methods") or {}) > 1:  # clips inverted with different `vd invert --method`s
+        from stages.evaluate.methods import method_columns
+
+        columns = method_columns(result["methods"])
+        console.print(_edits_table(columns, "By inversion method (vd invert --method), mean over its clips", seen))
     for note in _unavailable_notes(seen):
         console.print(f"[dim]{note}[/dim]", highlight=False)
     for path, why in result.get("skipped_clips", {}).items():

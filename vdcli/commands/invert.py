@@ -44,6 +44,11 @@ def invert_command(
     null_steps: Annotated[Optional[int], typer.Option(
         "--null-steps", rich_help_panel=_METHOD,
         help="Max Adam iterations per step for the null text (early stop 1e-5 + i*2e-5). \\[default: 10]")] = None,
+    method: Annotated[Optional[str], typer.Option(
+        "--method", metavar="null-text|direct|negative-prompt", rich_help_panel=_METHOD,
+        help="null-text: per-step null-text optimisation (the paper); direct: stored per-step offsets, no "
+             "optimisation, exact reconstruction; negative-prompt: the source prompt as null text. "
+             "\\[default: null-text]")] = None,
     stdg: Annotated[Optional[str], typer.Option(
         "--stdg", metavar="ETA_F,ETA_B,ZETA_F,ZETA_B", rich_help_panel=_METHOD,
         help="STDG coefficients: temporal fg/bg, appearance fg/bg. \\[default: 0.5,0.5,0,0.5; "
@@ -86,6 +91,15 @@ def invert_command(
         "--restart", rich_help_panel=_RUN,
         help="Discard a stored (finished or partial) inversion and start over.")] = False,
     device: Annotated[str, typer.Option("--device", rich_help_panel=_RUN, help="auto, cpu or cuda[:N].")] = "auto",
+    checkpointing: Annotated[Optional[str], typer.Option(
+        "--checkpointing", metavar="off|blocks|auto", rich_help_panel=_RUN,
+        help="Recompute each UNet block in the backward instead of keeping its activations (same results, "
+             "less memory, more time); auto: on when the predicted peak exceeds the GPU's free memory, off on "
+             "the CPU. \\[default: auto]")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", rich_help_panel=_RUN,
+        help="Print the predicted peak memory per pass and an estimate of the time per step; loads no "
+             "weights, writes nothing.")] = False,
     dtype: Annotated[Optional[str], typer.Option(
         "--dtype", rich_help_panel=_RUN,
         help="auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16. \\[default: auto]")] = None,
@@ -101,7 +115,7 @@ def invert_command(
 
     def work(progress: Any) -> dict[str, Any]:
         from stages.common.errors import UsageError
-        from stages.invert.run import resolve_config, run_invert
+        from stages.invert import resolve_config, run_invert
         from stages.common.config import options, preset_section
         from stages.io.workspace import Workspace
 
@@ -121,19 +135,31 @@ def invert_command(
         flags: dict[str, Any] = {
             "prompt": prompt, "subject": subject, "negative_prompt": negative_prompt, "model": model,
             "steps": steps, "cfg": cfg_scale, "null_steps": null_steps, "stdg": coefficients, "region": region,
+            "method": method,
             "use_stdg": False if no_stdg else (True if coefficients is not None else None),
             "shared_null": shared_null or None, "schedule": schedule, "seed": seed,
             "per_frame_groupnorm": per_frame_groupnorm, "store_components": store_components or None,
             "plain": plain or None, "compare_ddim": compare_ddim or None, "device": device, "dtype": dtype,
             "restart": restart or None, "preset": preset, "window": window, "overlap": overlap,
+            "checkpointing": checkpointing,
         }
         section = preset_section(preset, "invert")
         cfg = resolve_config(ws, section, options(flags))
         if region is not None and coefficients is None and "stdg" not in section:
             cfg.stdg = None  # --region alone picks that region's default coefficients
+        if dry_run:
+            from stages.invert.plan import plan_invert
+
+            return plan_invert(ws, cfg)
         return run_invert(ws, cfg, progress)
 
-    run(work, json_out, quiet, _print_human)
+    run(work, json_out, quiet, _print_plan if dry_run else _print_human)
+
+
+def _print_plan(result: dict[str, Any]) -> None:
+    from stages.invert.plan import format_plan
+
+    print(format_plan(result), flush=True)
 
 
 def _print_human(result: dict[str, Any]) -> None:
@@ -145,8 +171,10 @@ def _print_human(result: dict[str, Any]) -> None:
 
     inner = result.get("inner_iterations") or []
     mean_inner = sum(inner) / len(inner) if inner else 0.0
+    method = result.get("method") or "null-text"
+    how = f"mean null-text iterations {mean_inner:.1f}" if method == "null-text" else f"method {method}"
     lines = [f"inverted {result.get('workspace', '')}: {result.get('steps', '?')} steps, "
-             f"{result.get('frames', '?')} frames, mean null-text iterations {mean_inner:.1f}"]
+             f"{result.get('frames', '?')} frames, {how}"]
     if recon:
         line = f"reconstruction PSNR {db('psnr')}"
         if "psnr_fg" in recon:

@@ -13,7 +13,7 @@ from vdcli.common import JsonOpt, QuietOpt, app, run
 
 # `vd models` component name -> the `vd models --get` name that fetches it
 GET_NAMES = {"sd15": "sd15", "motion_adapter": "motion-adapter", "sam2-tiny": "sam2-tiny", "sam2-small": "sam2-small",
-             "sam2-base_plus": "sam2-base_plus", "sam2-large": "sam2-large"}
+             "sam2-base_plus": "sam2-base_plus", "sam2-large": "sam2-large", "sparsectrl-rgb": "sparsectrl-rgb"}
 
 
 def _human(result: dict[str, Any]) -> None:
@@ -51,8 +51,7 @@ def _human_get(result: dict[str, Any]) -> None:
 
 
 def _status() -> dict[str, Any]:
-    from stages.models.fetch import eval_status
-    from stages.models.load import models_status
+    from stages.models.status import eval_status, models_status
 
     result = models_status()
     for comp in result["components"]:
@@ -70,10 +69,11 @@ def models_command(
     names: Annotated[Optional[list[str]], typer.Argument(
         metavar="NAME", show_default=False,
         help="With --get: all, sd15, motion-adapter, sam2 (= sam2-large), sam2-tiny, sam2-small, sam2-base_plus, "
-             "sam2-large, clip, pickscore, lpips (commas work too).")] = None,
+             "sam2-large, clip, pickscore, lpips, sparsectrl-rgb (commas work too).")] = None,
     get: Annotated[bool, typer.Option(
-        "--get", help="Download the named weights (only the files vd uses) into the Hugging Face cache or "
-                      "~/.cache/vd; resumable, verified.")] = False,
+        "--get", help="Download the named weights (only the files vd uses) into the Hugging Face cache "
+                      "(through huggingface_hub) or ~/.cache/vd (LPIPS); each file checked against its published "
+                      "size and sha256.")] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

@@ -38,6 +38,9 @@ class AttentionController:
         # handler for modules without one of their own (None: fused SDPA); the benchmark baseline sets
         # explicit_attention here to pay the reference's cost of materialised probability maps
         self.fallback: Optional[Handler] = None
+        # set while a checkpointed UNet block recomputes its forward in the backward (stages/invert/
+        # checkpointing.py): handlers compute as before, recorders keep nothing (each layer recorded once)
+        self.recomputing: bool = False
 
     def set(self, name: str, handler: Optional[Handler]) -> None:
         """Register (or with None remove) the handler for module `name`."""

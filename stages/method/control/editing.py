@@ -215,16 +215,23 @@ class EditAttention:
     blend_blocks: Sequence[str] = BLEND_BLOCKS
     usage: Counter = field(default_factory=Counter)
     controller: AttentionController | None = None
+    # per-region edits (stages.method.control.layout): Layout biases the edit-cond cross map, RegionKeys
+    # replaces key_masks in SA-II; None keeps the single-subject behaviour exactly
+    layout: Any = None
+    regions: Any = None
 
     def install(self, controller: AttentionController) -> dict[str, list[str]]:
         """Register the handlers this edit needs; returns the module names per behaviour."""
         self.controller = controller
         installed: dict[str, list[str]] = {"sa1": [], "sa2": [], "cross": [], "blend": []}
+        if self.layout is not None:
+            installed["layout"] = []
         for name in controller.names:
             kind = module_kind(name)
             if kind == "self":
                 wants1 = self.sa1 and self.sa1_steps > 0 and name in self.sa1_layers
-                wants2 = self.sa2 and self.key_masks is not None and in_blocks(name, self.sa2_blocks)
+                wants2 = self.sa2 and (self.key_masks is not None or self.regions is not None) \
+                    and in_blocks(name, self.sa2_blocks)
                 if wants1:
                     installed["sa1"].append(name)
                 if wants2:
@@ -238,7 +245,9 @@ class EditAttention:
                     installed["cross"].append(name)
                 if rec:
                     installed["blend"].append(name)
-                if p2p or rec:
+                if self.layout is not None:
+                    installed["layout"].append(name)
+                if p2p or rec or self.layout is not None:
                     controller.set(name, self._cross_handler(p2p, rec))
         return installed
 
@@ -254,6 +263,8 @@ class EditAttention:
                 return sa1_attention(q, k, v)
             if use_sa2 and step >= self.sa1_steps:
                 self.usage["sa2"] += 1
+                if self.regions is not None:
+                    return self.regions.attention(q, k, v)
                 assert self.key_masks is not None
                 return sa2_attention(q, k, v, self.key_masks.for_tokens(q.shape[2], q.device))
             self.usage["self_plain"] += 1
@@ -265,13 +276,17 @@ class EditAttention:
         def handler(name: str, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             step = self._step()
             edit = use_p2p and step < self.cross_steps
-            if not edit and not use_blend:
+            bias = None if self.layout is None else self.layout.bias(q.shape[2], step, k.shape[2], q.device)
+            if not edit and not use_blend and bias is None:
                 self.usage["cross_plain"] += 1
                 return F.scaled_dot_product_attention(q, k, v)
             q0, q1, q2, q3 = slots(q)
             k0, k1, k2, k3 = slots(k)
             v0, v1, v2, v3 = slots(v)
-            p1, p3 = attention_probs(q1, k1), attention_probs(q3, k3)
+            p1 = attention_probs(q1, k1) if bias is None else self.layout.probs(q1, k1, bias)
+            p3 = attention_probs(q3, k3)
+            if bias is not None:
+                self.usage["layout"] += 1
             if use_blend and self.blend is not None:
                 self.blend.record(p1, p3)
             if edit:

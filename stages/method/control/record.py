@@ -80,6 +80,8 @@ class Recorder:
         return len(self.results) == len(self.temporal) + len(self.spatial)
 
     def _keep(self, name: str, value: Any) -> None:
+        if self.controller.recomputing:  # a checkpointed block's recomputation: recorded in its forward
+            return
         self.results[name] = value
         if self.stop_when_complete and self.complete:
             raise StopForward(name)

@@ -1,0 +1,39 @@
+"""What `vd batch` redoes for a clip, decided by the stages' own freshness rules (each stage's
+`is_current`): the batch adds only how to redo an inversion (resume its unfinished steps, or restart it) and
+the model identity, which it knows without loading the model (stages.models.identity.model_identity).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stages.common.config import changed_settings
+
+
+def invert_action(ws: Any, cfg: Any, identity: str) -> tuple[str, str]:
+    """What to do with the workspace's inversion for `cfg` and the current model `identity`: ("skip", ""),
+    ("new", why), ("resume", why: same settings, unfinished) or ("restart", why: other settings, other
+    frames or masks, other model content)."""
+    from stages.invert import GROUP, is_current, stored_settings
+    from stages.models.identity import is_legacy, legacy_message
+
+    fresh, why = is_current(ws, cfg)
+    stored = ws.group_attrs(GROUP).get("settings") or {}
+    if not stored:
+        return "new", why or "no inversion yet"
+    made_with = stored.get("model_fingerprint")
+    if made_with and is_legacy(made_with):
+        return "restart", legacy_message(made_with, str(ws.path)).split(";")[0]
+    if made_with and made_with != identity:
+        return "restart", f"the model's content changed ({made_with} -> {identity})"
+    if fresh:
+        return "skip", ""
+    if not ws.has("video/frames"):
+        return "new", why
+    frames = ws.read("video/frames")
+    mask = ws.read("masks/edit") if ws.has("masks/edit") else None
+    new = stored_settings(cfg, frames, mask)
+    old = {"method": "null-text", **stored}  # inversions made before `vd invert --method` are null-text ones
+    if changed_settings({k: v for k, v in old.items() if k in new}, new):
+        return "restart", why
+    return "resume", why

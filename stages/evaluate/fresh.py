@@ -1,0 +1,63 @@
+"""Whether `vd eval`'s stored scores are current: one rule for `run_eval(reuse=True)` and `vd batch`.
+
+Stored scores of an item (the reconstruction or an edit) are current when they were computed from the same
+frames, masks, prompt and region, with the same scorer weights, and cover every metric asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from stages import __version__
+from stages.common.digest import digest
+from stages.common.errors import InputError
+from stages.evaluate.config import OCCLUSION, RECON, EvalConfig, parse_metrics
+from stages.evaluate.inputs import SourceClip, select_items, target_prompt
+from stages.io.workspace import Workspace
+from stages.quality import metrics as M
+
+
+def item_settings(clip: SourceClip, frames: np.ndarray, attrs: dict[str, Any], metrics: list[str],
+                  weights: dict[str, Any]) -> dict[str, Any]:
+    """What an item's scores depend on (stored as eval/<name> attrs `settings`); `attrs` are the edit's
+    group attrs ({} for the reconstruction), `weights` the scorers' describe()."""
+    fingerprint = digest(frames, clip.mask, clip.raw, target_prompt(attrs),
+                         (attrs.get("params") or {}).get("background", False))
+    return {"metrics": metrics, "weights": weights, "farneback": M.FARNEBACK, "occlusion": OCCLUSION,
+            "fingerprint": fingerprint, "vd_version": __version__}
+
+
+def stored_fresh(stored: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether stored settings (eval/<name> attrs `settings`) still answer `current` (item_settings)."""
+    return (stored.get("fingerprint") == current["fingerprint"]
+            and set(current["metrics"]) <= set(stored.get("metrics", []))
+            and stored.get("weights") == current["weights"])
+
+
+def is_current(ws: Workspace, cfg: EvalConfig, scorers: Any = None) -> tuple[bool, str]:
+    """Whether run_eval(ws, cfg, reuse=True) would reuse every stored score: (True, "") or (False, why).
+
+    Reads only (no scorer weights are loaded: `scorers` or Scorers(cfg) gives only their paths)."""
+    from stages.evaluate.scorers import Scorers
+
+    metrics = parse_metrics(cfg.metrics)
+    try:
+        targets, _ = select_items(ws, cfg, metrics)
+        clip = SourceClip(ws)
+    except InputError as exc:
+        return False, str(exc)
+    weights = (scorers or Scorers(cfg)).describe()
+    for name in targets:
+        stored = ws.group_attrs(f"eval/{name}").get("settings")
+        if not stored:
+            return False, f"{name} is not evaluated yet"
+        attrs = {} if name == RECON else ws.group_attrs(f"edits/{name}")
+        current = item_settings(clip, clip.frames(name), attrs, metrics, weights)
+        if not stored_fresh(stored, current):
+            what = ("its frames, masks or prompt changed" if stored.get("fingerprint") != current["fingerprint"]
+                    else "other scorer weights" if stored.get("weights") != current["weights"]
+                    else "metrics not computed yet")
+            return False, f"the scores of {name} are stale ({what})"
+    return True, ""

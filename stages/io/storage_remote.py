@@ -1,0 +1,104 @@
+"""Small JSON objects next to a remote workspace (sync pointer, lease), written whole or not at all.
+
+On a folder filesystem (file://) an object is written to a temporary name and renamed into place, so a
+reader sees the old or the new content, never a torn one. On S3 a PUT is already all-or-nothing, and
+S3's conditional writes (If-None-Match / If-Match) make "create if absent" and "replace if unchanged"
+atomic. Other stores (gs://, az://) get plain writes (callers read back to confirm).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import uuid
+from typing import Any
+
+
+class Torn(ValueError):
+    """A JSON object exists but cannot be parsed (a torn or foreign write)."""
+
+
+def backend(fs: Any) -> str:
+    """'local' (folders: file://), 's3', or 'other'."""
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if "file" in protocols or "local" in protocols:
+        return "local"
+    return "s3" if "s3" in protocols or "s3a" in protocols else "other"
+
+
+def read_json(fs: Any, path: str) -> dict[str, Any] | None:
+    """The object at `path` as a dict, None when absent; Torn when it is not a JSON object."""
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+    try:
+        value = json.loads(data.decode())
+    except (UnicodeDecodeError, ValueError):
+        raise Torn(path) from None
+    if not isinstance(value, dict):
+        raise Torn(path)
+    return value
+
+
+def etag(fs: Any, path: str) -> str | None:
+    """The object's ETag (S3), None when absent or unknown."""
+    fs.invalidate_cache(path)  # a cached listing would give an old ETag
+    try:
+        return fs.info(path).get("ETag")
+    except FileNotFoundError:
+        return None
+
+
+def write_json(fs: Any, path: str, value: dict[str, Any], create: bool = False,
+               if_match: str | None = None) -> bool:
+    """Write `value` at `path` whole; False when a condition failed (`create`: the object already exists;
+    `if_match`: its ETag changed, S3 only)."""
+    data = json.dumps(value, separators=(",", ":")).encode()
+    kind = backend(fs)
+    if kind == "local":
+        return _write_local(fs._strip_protocol(path), data, create)
+    try:
+        if kind == "s3" and create:
+            fs.pipe_file(path, data, mode="create")
+        elif kind == "s3" and if_match:
+            fs.pipe_file(path, data, IfMatch=if_match)
+        else:
+            fs.pipe_file(path, data)
+    except FileExistsError:
+        return False
+    except OSError as exc:  # s3fs reports a failed If-Match as EINVAL (HTTP 412)
+        if if_match and exc.errno == errno.EINVAL:
+            return False
+        raise
+    return True
+
+
+def _write_local(path: str, data: bytes, create: bool) -> bool:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        if create:
+            try:
+                os.link(tmp, path)  # fails when `path` exists: an atomic "create if absent"
+            except FileExistsError:
+                return False
+        else:
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return True
+
+
+def remove(fs: Any, path: str) -> None:
+    """Delete one object; absent is fine."""
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass

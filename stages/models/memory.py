@@ -1,0 +1,87 @@
+"""Predicted peak device memory of vd's passes on SD1.5 + AnimateDiff v3, from measured coefficients.
+
+Pure Python, no torch: `--checkpointing auto`, the out-of-memory message and `--dry-run` ask it before
+anything is loaded. The coefficients are measured by bench/memory.py (fake tensors: every allocation of
+the real code, without the bytes; bench/RESULTS.md has the table); rerun it to refresh them and paste
+its printed block below.
+
+Model, per pass and dtype (and checkpointing for the passes that backpropagate):
+    peak = weights + const * r**const_exp + per_frame * r**per_frame_exp * min(F, chunk)
+           + per_clip_frame * r**per_clip_frame_exp * F
+with r = latent tokens / 4096 (4096 = 64 x 64, a 512x512 clip) and F the frames of one call (the
+window for the UNet passes, the clip for the VAE). "bf16" is a GPU run (UNet in bf16 under autocast, VAE
+and text encoder in float32, as load_models places them); fp16 has the same sizes. Not included: the CUDA
+context and the cuBLAS/cuDNN workspaces (outside torch's allocator statistics).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+PASSES = ("ddim", "stdg", "null_text", "edit", "vae_encode", "vae_decode")
+GRAD_PASSES = ("stdg", "null_text")
+STAGE_PASSES = {"invert": ("vae_encode", "ddim", "stdg", "null_text", "vae_decode"), "edit": ("edit", "vae_decode")}
+REF_TOKENS = 64 * 64
+GIB = 1 << 30
+_DTYPES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "bf16",
+           "float16": "bf16", "half": "bf16"}
+
+# --- measured by bench/memory.py (CPU, fake-tensor measurement); refresh by pasting its printed block ---
+WEIGHT_ELEMENTS = {"unet": 0, "vae": 0, "text": 0}
+COEFFICIENTS: dict[str, dict[str, dict[str, Any]]] = {"bf16": {}, "fp32": {}}
+# --- end of measured data ---
+
+
+def canonical_dtype(dtype: str) -> str:
+    """'fp32' or 'bf16' (the table a dtype name reads: fp16 has bf16's sizes)."""
+    name = str(dtype).lower().removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (use fp32, bf16 or fp16)")
+    return _DTYPES[name]
+
+
+def weight_bytes(dtype: str, weights: Mapping[str, int] | None = None) -> int:
+    """Bytes of the three models on the device: the UNet in `dtype`, VAE and text encoder in float32."""
+    elements = WEIGHT_ELEMENTS if weights is None else weights
+    unet_bytes = 4 if canonical_dtype(dtype) == "fp32" else 2
+    return int(elements["unet"]) * unet_bytes + (int(elements["vae"]) + int(elements["text"])) * 4
+
+
+def predict_peak(pass_name: str, frames: int, height: int, width: int, dtype: str = "bf16",
+                 checkpointing: bool = False, *, table: Mapping[str, Any] | None = None,
+                 weights: Mapping[str, int] | None = None) -> int:
+    """Predicted peak bytes of one pass (weights + activations + workspace) for `frames` frames per call of
+    height x width pixels; `checkpointing` recomputes the UNet blocks in the backward (grad passes only).
+
+    table / weights replace the measured COEFFICIENTS / WEIGHT_ELEMENTS (tests, a fresh bench run).
+    """
+    if pass_name not in PASSES:
+        raise ValueError(f"unknown pass {pass_name!r}; choose from {', '.join(PASSES)}")
+    if int(frames) < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    if int(height) < 8 or int(width) < 8:
+        raise ValueError(f"height and width must be at least 8 pixels, got {height}x{width}")
+    dt = canonical_dtype(dtype)
+    rows = (COEFFICIENTS if table is None else table).get(dt) or {}
+    key = f"{pass_name}+blocks" if checkpointing and pass_name in GRAD_PASSES else pass_name
+    if key not in rows:
+        raise ValueError(f"no measured coefficients for {key} in {dt}; run bench/memory.py")
+    c = rows[key]
+    r = math.ceil(int(height) / 8) * math.ceil(int(width) / 8) / REF_TOKENS
+    chunk = c.get("chunk")
+    n = int(frames) if chunk is None else min(int(frames), int(chunk))
+    act = sum(c.get(term, 0) * r ** c.get(f"{term}_exp", 1.0) * times
+              for term, times in (("const", 1), ("per_frame", n), ("per_clip_frame", int(frames))))
+    return weight_bytes(dt, weights) + max(int(round(act)), 0)
+
+
+def predict_stage_peak(stage: str, frames: int, height: int, width: int, dtype: str = "bf16",
+                       checkpointing: bool = False, window: int | None = None) -> int:
+    """The largest pass peak of a stage ("invert" or "edit"): UNet passes see min(frames, window) frames,
+    the VAE passes the whole clip."""
+    if stage not in STAGE_PASSES:
+        raise ValueError(f"unknown stage {stage!r}; choose from {', '.join(STAGE_PASSES)}")
+    per_call = min(int(frames), int(window)) if window else int(frames)
+    return max(predict_peak(p, frames if p.startswith("vae") else per_call, height, width, dtype, checkpointing)
+               for p in STAGE_PASSES[stage])

@@ -1,0 +1,212 @@
+"""--checkpointing: recomputed UNet blocks give the same STDG gradient, null-text gradient and inversion as
+`off`; the STDG recorders record each layer once; `auto` decides from the memory model; preset/manifest key."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import make_workspace
+from stages.common.errors import UsageError
+from stages.common.progress import Progress
+from stages.invert import DEFAULT_STDG, STDG, InvertConfig, Passes, run_invert
+from stages.invert.checkpointing import checkpointed_blocks, choose, unet_blocks
+from stages.models import memory
+from stages.models.oom import MemoryPlan
+
+S, NULL = 3, 2
+GIB = 1 << 30
+
+
+def _cfg(**kw) -> InvertConfig:
+    base = dict(prompt="a red disc on a textured wall", model="tiny", steps=S, null_steps=NULL, device="cpu")
+    base.update(kw)
+    return InvertConfig(**base)
+
+
+@pytest.fixture
+def setup(tiny, tmp_path):
+    """(models, controller, z0 (1, F, 4, h, w), mask (F, H, W) bool, c_src (F, 77, D)) on a 4-frame clip."""
+    from stages.method.control.controller import AttentionController, install
+    from stages.models.ops import encode_text, vae_encode
+
+    ws = make_workspace(tmp_path / "ws")
+    z0 = vae_encode(tiny, ws.read("video/frames"))[None]
+    mask = torch.from_numpy(ws.read("masks/edit").astype(bool))
+    controller = install(tiny.unet, AttentionController())
+    c_src = encode_text(tiny, ["a red disc"]).expand(4, -1, -1)
+    yield tiny, controller, z0, mask, c_src
+    controller.clear()
+
+
+class _CountingDict(dict):
+    """Counts every store: how often a recorder records."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stores = 0
+
+    def __setitem__(self, key, value) -> None:
+        self.stores += 1
+        super().__setitem__(key, value)
+
+
+def test_stdg_gradient_is_equal_and_each_layer_is_recorded_once(setup, monkeypatch):
+    from stages.method import guidance
+    from stages.method.control import record
+    from stages.method.guidance import RegionMasks, needs_terms
+
+    models, controller, z0, mask, c_src = setup
+    coef = DEFAULT_STDG["foreground"]
+    stdg = STDG(Passes(models), controller, RegionMasks(mask, tuple(z0.shape[-2:])), c_src, coef)
+    targets = stdg.targets(z0, 501, needs_terms(coef))
+    z_t = z0 + 0.1 * torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
+    layers = len(targets.temporal) + len(targets.keys)
+
+    dicts: list[_CountingDict] = []
+    reductions = [0]
+    enter = record.Recorder.__enter__
+
+    def counting_enter(self):
+        out = enter(self)
+        self.results = _CountingDict()
+        dicts.append(self.results)
+        return out
+
+    def counted(fn):
+        def run(*a, **k):
+            reductions[0] += 1
+            return fn(*a, **k)
+        return run
+
+    monkeypatch.setattr(record.Recorder, "__enter__", counting_enter)
+    monkeypatch.setattr(guidance, "gather_top1", counted(guidance.gather_top1))
+    monkeypatch.setattr(guidance, "masked_mean_keys", counted(guidance.masked_mean_keys))
+
+    g_off, eps_off, loss_off, _ = stdg.gradient(z_t, 501, targets)
+    assert dicts[-1].stores == layers and reductions[0] == layers
+    reductions[0] = 0
+    with checkpointed_blocks(models.unet, controller) as wrapped:
+        g_on, eps_on, loss_on, _ = stdg.gradient(z_t, 501, targets)
+    assert wrapped == len(unet_blocks(models.unet))
+    # the recomputation ran every recorded layer's reduction again (the graph needs it) but stored nothing
+    assert reductions[0] == 2 * layers
+    assert dicts[-1].stores == layers
+    assert float(g_off.abs().max()) > 0
+    assert torch.allclose(g_on, g_off, rtol=1e-5, atol=1e-6 * float(g_off.abs().max()))
+    assert torch.equal(eps_on, eps_off) and loss_on == pytest.approx(loss_off, rel=1e-6)
+    assert all("forward" not in vars(b) for b in unet_blocks(models.unet))  # unwrapped afterwards
+    assert not controller.recomputing and not controller.handlers
+
+
+def test_windowed_null_text_gradient_is_equal(setup):
+    """The null-text backward (here the windowed one: per-window graphs) gives the same phi gradient."""
+    from stages.invert.nulltext import _null_text_backward_windowed
+    from stages.method.ddim import make_schedule
+    from stages.method.windows import plan_windows
+
+    models, controller, z0, mask, c_src = setup
+    passes = Passes(models, windows=plan_windows(4, 3, 1))
+    sched = make_schedule("vd", 10)
+    t, tp = sched.timesteps[3], sched.prev[3]
+    with torch.no_grad():
+        eps_c = passes.eps(z0, t, c_src)
+    target = z0 * 0.9
+    grads, losses = [], []
+    for enabled in (False, True):
+        phi = c_src[:1].clone().repeat(4, 1, 1).requires_grad_(True)
+        with checkpointed_blocks(models.unet, controller, enabled) as n:
+            losses.append(_null_text_backward_windowed(passes, z0, t, tp, phi, eps_c, torch.zeros_like(z0),
+                                                       target, 7.5))
+        assert n == (len(unet_blocks(models.unet)) if enabled else 0)
+        grads.append(phi.grad.clone())
+    assert float(grads[0].abs().max()) > 0
+    assert torch.allclose(grads[1], grads[0], rtol=1e-5, atol=1e-6 * float(grads[0].abs().max()))
+    assert float(losses[0]) == pytest.approx(float(losses[1]), rel=1e-6)
+
+
+def test_inversion_with_blocks_equals_off_and_needs_no_restart(tiny, tmp_path):
+    runs = {}
+    for mode in ("off", "blocks"):
+        ws = make_workspace(tmp_path / mode)
+        run_invert(ws, _cfg(checkpointing=mode), Progress(quiet=True), models=tiny)
+        runs[mode] = ws
+    for name in ("latents", "recon_latents", "null_embeddings", "stdg/guidance"):
+        a, b = runs["off"].read(f"inversion/{name}"), runs["blocks"].read(f"inversion/{name}")
+        scale = max(float(np.abs(a).max()), 1e-6)
+        assert float(np.abs(a - b).max()) <= 1e-5 * scale, name
+    assert float(np.abs(runs["off"].read("inversion/stdg/guidance")).max()) > 0  # STDG ran
+    off, on = runs["off"].group_attrs("inversion"), runs["blocks"].group_attrs("inversion")
+    assert off["checkpointing"]["mode"] == "off" and on["checkpointing"]["mode"] == "blocks"
+    assert on["checkpointing"]["requested"] == "blocks"
+    assert off["config_hash"] == on["config_hash"] and off["settings"] == on["settings"]
+    # a finished inversion made with `off` is current for `blocks`: no --restart, nothing recomputed
+    again = run_invert(runs["off"], _cfg(checkpointing="blocks"), Progress(quiet=True), models=tiny)
+    assert again.get("already_done") is True
+    # auto on the CPU: off, and the reason says so
+    ws = make_workspace(tmp_path / "auto")
+    run_invert(ws, _cfg(steps=2, null_steps=1), Progress(quiet=True), models=tiny)
+    choice = ws.group_attrs("inversion")["checkpointing"]
+    assert (choice["requested"], choice["mode"]) == ("auto", "off") and "CPU" in choice["reason"]
+    assert all("forward" not in vars(b) for b in unet_blocks(tiny.unet))
+
+
+TABLE = {"bf16": {"stdg": {"const": 2 * GIB, "per_frame": GIB}, "null_text": {"const": 3 * GIB, "per_frame": GIB},
+                  "stdg+blocks": {"const": GIB, "per_frame": GIB // 8},
+                  "null_text+blocks": {"const": GIB, "per_frame": GIB // 8}}}
+WEIGHTS = {"unet": GIB // 2, "vae": 0, "text": 0}  # 1 GiB of bf16 UNet weights
+
+
+@pytest.fixture
+def table(monkeypatch):
+    monkeypatch.setattr(memory, "COEFFICIENTS", TABLE)
+    monkeypatch.setattr(memory, "WEIGHT_ELEMENTS", WEIGHTS)
+
+
+def test_auto_turns_blocks_on_when_the_grad_passes_do_not_fit(table):
+    plan = MemoryPlan("invert", 24, 512, 512, "bf16", window=16, model="sd15-animatediff-v3", device="cuda:0")
+    need = 1 * GIB + 3 * GIB + 16 * GIB  # weights + the null-text pass at 16 frames per call
+    assert choose("auto", plan, available=need + 1).mode == "off"
+    assert choose("auto", plan, available=need - 1).mode == "blocks"
+    tight = choose("auto", plan, available=need - GIB)
+    assert tight.mode == "blocks" and (tight.need, tight.available) == (need, need - GIB)
+    assert tight.reason == "auto: predicted 20.0 GiB > 19.0 GiB free"
+    assert choose("auto", MemoryPlan("invert", 24, 512, 512, "bf16", window=8, model="sd15-animatediff-v3",
+                                     device="cuda:0"), available=need - GIB).mode == "off"  # 8 frames per call fit
+    assert choose("auto", plan.__class__(**{**plan.__dict__, "device": "cpu"}), available=0).mode == "off"
+    assert choose("auto", plan.__class__(**{**plan.__dict__, "model": "tiny"}), available=0).mode == "off"
+    assert choose("blocks", plan, available=10**15).mode == "blocks"
+    assert choose("off", plan, available=0).mode == "off"
+    with pytest.raises(ValueError, match="off, blocks, auto"):
+        choose("sometimes", plan)
+
+
+def test_auto_without_a_measured_table_stays_off(monkeypatch):
+    monkeypatch.setattr(memory, "COEFFICIENTS", {"bf16": {}, "fp32": {}})
+    plan = MemoryPlan("invert", 16, 512, 512, "bf16", window=16, model="sd15-animatediff-v3", device="cuda:0")
+    choice = choose("auto", plan, available=1)
+    assert choice.mode == "off" and "no memory prediction" in choice.reason
+
+
+def test_flag_preset_and_manifest_key(tmp_path):
+    from stages.batch.manifest import load_manifest
+    from stages.common.config import build_config
+    from stages.common.errors import InputError
+    from stages.invert import validate
+    from vdcli.app import app
+
+    assert build_config(InvertConfig, {"checkpointing": "blocks"}).checkpointing == "blocks"
+    with pytest.raises(UsageError, match="--checkpointing must be one of off, blocks, auto"):
+        validate(_cfg(checkpointing="always"))
+    (tmp_path / "m.yaml").write_text("defaults: {model: tiny, invert: {checkpointing: blocks}}\n"
+                                     "clips:\n  - {clip: a.mp4, prompt: a dog, box: [1, 1, 9, 9]}\n")
+    assert load_manifest(tmp_path / "m.yaml").clips[0].invert.checkpointing == "blocks"
+    (tmp_path / "bad.yaml").write_text("clips:\n  - {clip: a.mp4, prompt: a dog, box: [1, 1, 9, 9], "
+                                       "invert: {checkpointing: always}}\n")
+    with pytest.raises(InputError, match="checkpointing"):
+        load_manifest(tmp_path / "bad.yaml")
+    ws = make_workspace(tmp_path / "ws")
+    r = CliRunner().invoke(app, ["invert", str(ws.path), "--prompt", "a disc", "--checkpointing", "always"])
+    assert r.exit_code == 2 and "--checkpointing must be one of" in r.stderr and "Traceback" not in r.output
