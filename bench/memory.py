@@ -4,6 +4,9 @@
     python bench/memory.py --dtypes fp32 --sizes 512 --frames 1,2 --passes null_text   # one quick row set
     python bench/memory.py --real-check                   # plus one real (non-fake) point against the fake one
     python bench/memory.py --record                       # append the tables to bench/RESULTS.md
+    python bench/memory.py --json a.json ...; bench/memory.py --load a.json b.json   # fit runs made apart
+
+A full run takes about an hour on 2 busy cores (a fake UNet pass costs 3-20 s whatever its size).
 
 Every pass vd runs is executed for real code-wise (vd's own UNet call, attention controller, STDG
 recorder, graph cut, edit handlers, VAE calls) but on fake tensors (torch FakeTensorMode): shapes, dtypes,
@@ -16,10 +19,10 @@ Peaks include the weights of all three models on the device (UNet, VAE and text 
 load_models places them) and the pass's inputs.
 
 dtype "bf16" emulates a GPU run: UNet weights in bf16 under autocast, VAE/text in fp32, and the ops CUDA
-autocast runs in float32 (group_norm, layer_norm, softmax, ...; CPU autocast keeps them in bf16) upcast
-here, sizes rounded to the CUDA allocator's 512-byte blocks. Not included: the CUDA context, cuBLAS/cuDNN
-workspaces and allocator fragmentation (not torch tensors). Attention runs CPU fused SDPA (memory O(tokens),
-like the GPU's flash / memory-efficient kernels). dtype "fp32" is the CPU run as it is.
+autocast runs in float32 and CPU autocast does not (group_norm, layer_norm, softmax) upcast here, sizes
+rounded to the CUDA allocator's 512-byte blocks. Not included: the CUDA context, cuBLAS/cuDNN workspaces
+and allocator fragmentation (not torch tensors). Attention runs CPU fused SDPA (memory O(tokens), like the
+GPU's flash / memory-efficient kernels). dtype "fp32" is the CPU run as it is.
 
 The coefficients printed at the end are the data of stages/models/memory.py (paste them there to refresh).
 """
@@ -761,7 +764,8 @@ def _record(points: list[Point], preds: list[str], block: str, real: dict[str, A
              f"{_commit()} | bench/memory.py ({seconds:.0f} s)\n", *summary_table(points), "",
              "Predicted peak at 16 frames:", "", *preds, "", "```", block, "```"]
     if real is not None:
-        lines.append(f"\nReal check (null_text, fp32, real CPU tensors): {json.dumps({k: v for k, v in real.items() if k != 'fake'})}")
+        shown = {k: v for k, v in real.items() if k != "fake"}
+        lines.append(f"\nReal check (null_text, fp32, real CPU tensors): {json.dumps(shown)}")
     with RESULTS.open("a") as fh:
         fh.write("\n".join(lines) + "\n")
 

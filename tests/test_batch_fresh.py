@@ -138,7 +138,7 @@ def test_new_model_content_redoes_inversion_and_edits(env):
 
     ws = Workspace.open(out / "a.vd")
     made = ws.group_attrs("inversion")["settings"]["model_fingerprint"]
-    from stages.models.identify import model_identity
+    from stages.models.resolve import model_identity
 
     assert made != model_identity(str(base / "model"))  # restored weights: the inversion is stale again
 

@@ -118,7 +118,7 @@ def test_every_shard_and_the_index_count(tmp_path):
 
 
 def test_identity_without_loading_equals_load_models(tmp_path, monkeypatch):
-    from stages.models.identify import model_identity
+    from stages.models.resolve import model_identity
     from stages.models.load import load_models
 
     assert model_identity("tiny") == load_models("tiny", device="cpu").fingerprint

@@ -82,3 +82,51 @@ def test_module_imports_no_torch():
     code = "import sys, stages.models.memory; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# ---- the measured table (stages.models.memory.COEFFICIENTS), against peaks measured by bench/memory.py
+# Fake-tensor peaks, bytes (bench/RESULTS.md, 2026-12-03): direct 16-frame runs at 512 px in bf16 (not used by
+# the fit, which saw 1, 2 and 4 frames) and the fp32 null-text pass at 1 frame.
+MEASURED_16F_BF16 = {("null_text", False): 30216222720, ("null_text", True): 13874867712,
+                     ("stdg", False): 22372269056, ("stdg", True): 16427915776, ("ddim", False): 4576660480,
+                     ("edit", False): 7993625088, ("vae_encode", False): 6180415488,
+                     ("vae_decode", False): 4264536064}
+
+
+@pytest.mark.parametrize("key", sorted(MEASURED_16F_BF16))
+def test_measured_table_extrapolates_to_16_frames(key):
+    predicted = memory.predict_peak(key[0], 16, 512, 512, "bf16", key[1])
+    assert predicted == pytest.approx(MEASURED_16F_BF16[key], rel=0.01)
+
+
+def test_measured_table_matches_an_fp32_point():
+    assert memory.predict_peak("null_text", 1, 512, 512, "fp32") == pytest.approx(8614880036, rel=0.01)
+
+
+def test_measured_weights():
+    assert memory.weight_bytes("bf16") == 1277221764 * 2 + (83653863 + 123060480) * 4
+    assert memory.weight_bytes("fp32") == (1277221764 + 83653863 + 123060480) * 4
+
+
+def test_measured_table_is_complete_and_ordered():
+    for dtype in ("bf16", "fp32"):
+        for name in memory.PASSES:
+            for ckpt in (False, True):
+                small, big = (memory.predict_peak(name, f, 512, 512, dtype, ckpt) for f in (1, 16))
+                assert small <= big
+                assert memory.predict_peak(name, 4, 256, 256, dtype, ckpt) < memory.predict_peak(name, 4, 768, 768,
+                                                                                                   dtype, ckpt)
+        for name in memory.GRAD_PASSES:
+            assert memory.predict_peak(name, 16, 512, 512, dtype, True) < memory.predict_peak(name, 16, 512, 512, dtype)
+    assert memory.predict_peak("null_text", 16, 512, 512, "bf16") < memory.predict_peak("null_text", 16, 512, 512,
+                                                                                         "fp32")
+
+
+def test_stage_peaks_16_frames_512_bf16():
+    # the target: with block checkpointing the inversion fits a 16 GiB card, without it not a 24 GB one
+    assert memory.predict_stage_peak("invert", 16, 512, 512, "bf16", checkpointing=True) <= 16 * GIB
+    assert memory.predict_stage_peak("invert", 16, 512, 512, "bf16") > 24 * GIB
+    # a window of 8 frames bounds the UNet passes; the VAE passes still see the clip
+    windowed = memory.predict_stage_peak("invert", 64, 512, 512, "bf16", window=8)
+    assert windowed == memory.predict_peak("null_text", 8, 512, 512, "bf16")
+    assert memory.predict_stage_peak("edit", 16, 512, 512, "bf16") == memory.predict_peak("edit", 16, 512, 512)

@@ -1,6 +1,6 @@
 """What `vd batch` redoes for a clip, decided by the stages' own freshness rules (each stage's
 `is_current`): the batch adds only how to redo an inversion (resume its unfinished steps, or restart it) and
-the model identity, which it knows without loading the model (stages.models.identity.model_identity).
+the model identity, which it knows without loading the model (stages.models.resolve.model_identity).
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ class Worker:
 
     def identity(self, spec: str) -> str:
         """The model identity of `spec` on this node, without loading it (once per worker)."""
-        from stages.models.identify import model_identity
+        from stages.models.resolve import model_identity
 
         if spec not in self._identities:
             self._identities[spec] = model_identity(spec)

@@ -22,6 +22,7 @@ PICKSCORE_REPO = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR_REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # the CLIP-H PickScore was fine-tuned from
 SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
 SPARSECTRL_REPO = "guoyww/animatediff-sparsectrl-rgb"  # AnimateDiff SparseCtrl RGB (vd edit --first-frame)
+DETECTOR_REPO = "IDEA-Research/grounding-dino-tiny"  # zero-shot detector (vd mask --text)
 CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"  # CLIP's merge table, shipped inside open-clip-torch
 
 DEFAULT_SPEC = "sd15-animatediff-v3"
@@ -37,6 +38,7 @@ ENV_SAM2_DIR = "VD_SAM2_DIR"  # a folder holding sam2.1_hiera_*.pt
 ENV_CLIP, ENV_PICKSCORE, ENV_LPIPS = "VD_CLIP", "VD_PICKSCORE", "VD_LPIPS"
 ENV_PICKSCORE_PROCESSOR = "VD_PICKSCORE_PROCESSOR"
 ENV_SPARSECTRL = "VD_SPARSECTRL"  # a diffusers SparseControlNetModel folder (SparseCtrl RGB)
+ENV_DETECTOR = "VD_GROUNDING_DINO"  # a Grounding DINO folder (config, weights, processor files)
 ENV_MIRROR = "VD_DOWNLOAD_MIRROR"  # http(s)://host[/prefix]: fetch https://a.b/c from {mirror}/a.b/c instead
 HF_ENV = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE")
 
@@ -145,6 +147,16 @@ TARGETS: dict[str, tuple[File, ...]] = {
         HubFile(SPARSECTRL_REPO, "diffusion_pytorch_model.safetensors", 1990,
                 ("diffusion_pytorch_model.fp16.safetensors",)),
     ),
+    "grounding-dino": (  # vd mask --text (stages.models.detector)
+        HubFile(DETECTOR_REPO, "config.json"),
+        HubFile(DETECTOR_REPO, "model.safetensors", 689, ("pytorch_model.bin",)),
+        HubFile(DETECTOR_REPO, "preprocessor_config.json"),
+        HubFile(DETECTOR_REPO, "tokenizer_config.json"),
+        HubFile(DETECTOR_REPO, "vocab.txt", 0.2),
+        HubFile(DETECTOR_REPO, "tokenizer.json", 0.7, optional=True),
+        HubFile(DETECTOR_REPO, "special_tokens_map.json", optional=True),
+        HubFile(DETECTOR_REPO, "added_tokens.json", optional=True),
+    ),
     "lpips": (  # torchvision's AlexNet + the LPIPS project's linear layers (what metrics.lpips_from_state_dict reads)
         UrlFile("https://download.pytorch.org/models/alexnet-owt-7be5be79.pth", "lpips", "alexnet-owt-7be5be79.pth",
                 "7be5be79", 244),
@@ -154,7 +166,7 @@ TARGETS: dict[str, tuple[File, ...]] = {
 }
 ALIASES = {"sam2": "sam2-large", "motion_adapter": "motion-adapter", "adapter": "motion-adapter",
            "sam2-base-plus": "sam2-base_plus", "sam2-base": "sam2-base_plus", "sd1.5": "sd15",
-           "sparsectrl": "sparsectrl-rgb"}
+           "sparsectrl": "sparsectrl-rgb", "grounding_dino": "grounding-dino", "gdino": "grounding-dino"}
 ALL = ("sd15", "motion-adapter", "sam2-large", "clip", "pickscore", "lpips")
 NAMES = ("all", *TARGETS, "sam2")
 

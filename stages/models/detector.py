@@ -19,9 +19,7 @@ import numpy as np
 
 from stages.common.errors import InputError, ModelMissingError, UsageError, first_line
 from stages.models import catalog
-
-DETECTOR_REPO = "IDEA-Research/grounding-dino-tiny"
-ENV_DETECTOR = "VD_GROUNDING_DINO"  # a folder holding the files below (config, weights, processor)
+from stages.models.catalog import DETECTOR_REPO, ENV_DETECTOR
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # the Hub repo has preprocessor_config.json; transformers >= 5 saves processor_config.json instead
 NEEDED = ("config.json", WEIGHT_FILES, ("preprocessor_config.json", "processor_config.json"),
@@ -178,3 +176,11 @@ def save_random_detector(folder: str | Path, words: Sequence[str], seed: int = 0
     model.save_pretrained(str(folder))
     GroundingDinoProcessor(images, tokenizer).save_pretrained(str(folder))
     return folder
+
+
+def detector_status() -> dict[str, Any]:
+    """The `vd models` component of the Grounding DINO weights (same keys as the other components)."""
+    folder = find_detector()
+    source = ENV_DETECTOR if os.environ.get(ENV_DETECTOR) else "hf-cache"
+    return {"name": "grounding-dino", "present": folder is not None, "path": str(folder) if folder else None,
+            "source": source, "get": None if folder else GET, "hub_id": DETECTOR_REPO, "used_by": "vd mask --text"}

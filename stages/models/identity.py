@@ -7,7 +7,7 @@ A file in a Hugging Face cache is named by its hash (snapshots/<rev>/f -> blobs/
 that name is used as is. Other files are hashed once; the digest is cached under the vd cache
 (<vd cache>/file-sha256/<device>-<inode>-<size>-<mtime_ns>), so an unchanged file is never read again.
 
-stages.models.identify finds a spec's identity without loading the model.
+stages.models.resolve finds a spec's identity without loading the model.
 Identities look like "sd15-animatediff-v2-<20 hex>". Older vd versions wrote "sd15-animatediff-<16 hex>"
 (size and first/last MiB of one file per component, names included): `is_legacy` tells them apart.
 """

@@ -15,22 +15,18 @@ What runs on the loaded components is in stages.models.ops.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stages.common.errors import ModelMissingError, UsageError, first_line
-from stages.models import catalog
-from stages.models.catalog import (ADAPTER_GET, ADAPTER_REPO, DEFAULT_SPEC, ENV_MOTION_ADAPTER, ENV_SD15,
-                                   ENV_SD15_CONFIG, MODEL_SUBFOLDERS, SD15_GET, SD15_REPO)
-from stages.models.configs import RANDOM_SPECS, SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG, TINY_SEED
+from stages.common.errors import ModelMissingError, first_line
+from stages.models.catalog import DEFAULT_SPEC
+from stages.models.configs import RANDOM_SPECS, TINY_SEED
 from stages.models.formats import adapter_from_file, folder_tokenizer, load_single_file
-from stages.models.identity import config_files, fingerprint
-from stages.models.layout import is_sd15_folder, main_weight_file
 from stages.models.ops import Models, resolve_device, resolve_dtype
 from stages.models.patches import set_motion_groups, set_per_frame_groupnorm
+from stages.models.resolve import resolve_weights
 
 
 def _from_pretrained(cls: Any, folder: Path, subfolder: str) -> Any:
@@ -55,72 +51,22 @@ def _load_sd15_folder(folder: Path) -> tuple[Any, Any, Any, Any]:
     return unet2d, vae, text, folder_tokenizer(folder)
 
 
-def _load_adapter(path: Path | None) -> tuple[Any, list[Path], list[dict[str, Any]], str]:
-    """(MotionAdapter, weight files, identity configs, source) from a folder, an original .ckpt/.safetensors,
-    or the Hub cache."""
+def _load_real(spec: str, paths: dict[str, Any]) -> tuple[Any, Any, Any, Any, Any, str, dict[str, str]]:
+    """(unet2d, adapter, vae, text, tokenizer, identity, sources) of the weights `spec` resolves to."""
     from diffusers import MotionAdapter
 
-    if path is None:
-        snap = catalog.hub_snapshot(ADAPTER_REPO)
-        if snap is None or not (snap / "config.json").is_file():
-            raise ModelMissingError(f"AnimateDiff v3 motion adapter not found: {ADAPTER_GET}")
-        path, source = snap, f"hub:{ADAPTER_REPO}"
+    weights = resolve_weights(spec, paths)
+    if weights.sd15_is_folder:
+        unet2d, vae, text, tok = _load_sd15_folder(weights.sd15)
     else:
-        source = str(path)
-    if path.is_dir():
-        adapter = _from_pretrained(MotionAdapter, path, "")
-        main = main_weight_file(path)
-        return adapter, [main] if main else [], config_files(path, ("",)), source
-    if not path.exists():
-        raise ModelMissingError(f"motion adapter not found at {path}: {ADAPTER_GET}")
-    adapter, config = adapter_from_file(path)
-    return adapter, [path], [config], source
-
-
-def _resolve_sd15(spec: str, paths: dict[str, Any]) -> tuple[Path | None, str]:
-    """(local path or None for the Hub cache, description) of the SD1.5 weights to use."""
-    explicit = paths.get("sd15") or os.environ.get(ENV_SD15)
-    if spec not in (DEFAULT_SPEC,):
-        path = Path(spec).expanduser()
-        if not path.exists() and "/" not in spec and os.sep not in spec and not path.suffix:
-            raise UsageError(f"unknown model {spec!r}: use {DEFAULT_SPEC}, tiny, sd15-random, an SD1.5 diffusers "
-                             "folder or a single-file .safetensors")
-        return path, spec
-    if explicit:
-        return Path(str(explicit)).expanduser(), str(explicit)
-    return None, f"hub:{SD15_REPO}"
-
-
-def _load_real(spec: str, paths: dict[str, Any]) -> tuple[Any, Any, Any, Any, Any, str, dict[str, str]]:
-    sd_path, sd_source = _resolve_sd15(spec, paths)
-    config_dir = paths.get("sd15_config") or os.environ.get(ENV_SD15_CONFIG)
-    config_dir = Path(config_dir).expanduser() if config_dir else None
-    if sd_path is None:
-        snap = catalog.hub_snapshot(SD15_REPO)
-        if snap is None or not is_sd15_folder(snap):
-            raise ModelMissingError(f"Stable Diffusion 1.5 not found in the Hugging Face cache: {SD15_GET}")
-        sd_path = snap
-    if sd_path.is_dir():
-        if not is_sd15_folder(sd_path):
-            raise ModelMissingError(f"{sd_path} is not an SD1.5 diffusers folder (needs unet/, vae/, text_encoder/)")
-        unet2d, vae, text, tok = _load_sd15_folder(sd_path)
-        sd_configs = config_files(sd_path, MODEL_SUBFOLDERS)
-        files = [f for sub in MODEL_SUBFOLDERS if (f := main_weight_file(sd_path / sub)) is not None]
-    elif sd_path.is_file():
-        if config_dir is None:
-            snap = catalog.hub_snapshot(SD15_REPO)
-            config_dir = snap if snap is not None and is_sd15_folder(snap) else None
-        unet2d, vae, text, tok = load_single_file(sd_path, config_dir)
-        sd_configs = (config_files(config_dir, MODEL_SUBFOLDERS) if config_dir is not None
-                      else [SD15_UNET_CONFIG, SD15_VAE_CONFIG, SD15_TEXT_CONFIG])
-        files = [sd_path]
+        unet2d, vae, text, tok = load_single_file(weights.sd15, weights.config_dir)
+    file_config = None
+    if weights.adapter.is_dir():
+        adapter = _from_pretrained(MotionAdapter, weights.adapter, "")
     else:
-        raise ModelMissingError(f"SD1.5 weights not found at {sd_path}: {SD15_GET}")
-    adapter_path = paths.get("motion_adapter") or os.environ.get(ENV_MOTION_ADAPTER)
-    adapter, adapter_files, adapter_configs, adapter_source = _load_adapter(
-        Path(str(adapter_path)).expanduser() if adapter_path else None)
-    identity = fingerprint("sd15-animatediff", files + adapter_files, sd_configs + adapter_configs)
-    return unet2d, adapter, vae, text, tok, identity, {"sd15": sd_source, "motion_adapter": adapter_source}
+        adapter, file_config = adapter_from_file(weights.adapter)
+    sources = {"sd15": weights.sd15_source, "motion_adapter": weights.adapter_source}
+    return unet2d, adapter, vae, text, tok, weights.identity(file_config), sources
 
 
 def load_models(spec: str = DEFAULT_SPEC, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",

@@ -27,9 +27,31 @@ GIB = 1 << 30
 _DTYPES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "bf16",
            "float16": "bf16", "half": "bf16"}
 
-# --- measured by bench/memory.py (CPU, fake-tensor measurement); refresh by pasting its printed block ---
-WEIGHT_ELEMENTS = {"unet": 0, "vae": 0, "text": 0}
-COEFFICIENTS: dict[str, dict[str, dict[str, Any]]] = {"bf16": {}, "fp32": {}}
+# --- measured by bench/memory.py (CPU, fake-tensor measurement, 2026-12-03; bench/RESULTS.md); refresh by
+# --- pasting the block it prints
+WEIGHT_ELEMENTS = {"unet": 1277221764, "vae": 83653863, "text": 123060480}
+COEFFICIENTS: dict[str, dict[str, dict[str, Any]]] = {
+    "bf16": {
+        "ddim": {"const": 238080, "const_exp": 0.0, "per_frame": 74688000, "per_frame_exp": 0.9943},
+        "edit": {"const": 241920, "const_exp": -0.0009, "per_frame": 288247991, "per_frame_exp": 0.9926},
+        "null_text": {"const": 1385472, "const_exp": -0.0039, "per_frame": 1677070555, "per_frame_exp": 0.9948},
+        "null_text+blocks": {"const": 331776, "const_exp": 0.0, "per_frame": 655817216, "per_frame_exp": 0.9966},
+        "stdg": {"const": -534528, "const_exp": 1.0, "per_frame": 1182828178, "per_frame_exp": 0.9942},
+        "stdg+blocks": {"const": -1036800, "const_exp": 1.0, "per_frame": 811575442, "per_frame_exp": 0.9948},
+        "vae_decode": {"const": 804888064, "const_exp": 0.9995, "per_clip_frame": 5591771, "per_clip_frame_exp": 0.9283, "chunk": 1},
+        "vae_encode": {"const": 237056, "const_exp": 0.0, "per_frame": 670957568, "per_frame_exp": 1.0, "per_clip_frame": 7183360, "per_clip_frame_exp": 0.9436, "chunk": 4},
+    },
+    "fp32": {
+        "ddim": {"const": 237832, "const_exp": 0.0, "per_frame": 140226560, "per_frame_exp": 0.9969},
+        "edit": {"const": 242904, "const_exp": 0.0, "per_frame": 550402304, "per_frame_exp": 0.9961},
+        "null_text": {"const": 236560, "const_exp": 0.0, "per_frame": 2678898432, "per_frame_exp": 0.9943},
+        "null_text+blocks": {"const": 236560, "const_exp": 0.0, "per_frame": 1037211136, "per_frame_exp": 0.9973},
+        "stdg": {"const": -990968, "const_exp": 1.7235, "per_frame": 1862558549, "per_frame_exp": 0.9929},
+        "stdg+blocks": {"const": -992224, "const_exp": 1.7143, "per_frame": 1248158037, "per_frame_exp": 0.9938},
+        "vae_decode": {"const": 804887560, "const_exp": 0.9995, "per_clip_frame": 5591771, "per_clip_frame_exp": 0.9283, "chunk": 1},
+        "vae_encode": {"const": 236552, "const_exp": 0.0, "per_frame": 670957568, "per_frame_exp": 1.0, "per_clip_frame": 7183360, "per_clip_frame_exp": 0.9436, "chunk": 4},
+    },
+}
 # --- end of measured data ---
 
 

@@ -237,37 +237,10 @@ def track(predictor: Any, frames: np.ndarray, points: Sequence[tuple[float, floa
     `points` are (x, y, label) with label 1 = object, 0 = background; `box` is (x0, y0, x1, y1);
     both in pixels of `frames`. Returns uint8 masks (F, H, W) with values 0/1 (logits > 0).
     """
-    import torch
-
-    count = len(frames)
     if not points and box is None:
         raise UsageError("SAM2 needs at least one --point or a --box")
-    if not 0 <= prompt_frame < count:
-        raise UsageError(f"--prompt-frame {prompt_frame} is outside the {count} frames")
-    device = str(predictor.device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
-                else contextlib.nullcontext())
-    masks = np.zeros(frames.shape[:3], np.uint8)
-    total = count + (1 if prompt_frame > 0 else 0)
-    task = progress.task("SAM2 tracking", total) if progress is not None else contextlib.nullcontext()
-    with _in_memory_video(frames, device), torch.inference_mode(), autocast, task as advance:
-        state = predictor.init_state(video_path="<memory>", offload_video_to_cpu=device == "cpu")
-        kwargs: dict[str, Any] = {}
-        if points:
-            kwargs["points"] = np.array([[p[0], p[1]] for p in points], np.float32)
-            kwargs["labels"] = np.array([int(p[2]) for p in points], np.int32)
-        if box is not None:
-            kwargs["box"] = np.array(box, np.float32)
-        predictor.add_new_points_or_box(state, frame_idx=prompt_frame, obj_id=1, **kwargs)
-        for reverse in (False, True):
-            for index, _, logits in predictor.propagate_in_video(state, start_frame_idx=prompt_frame,
-                                                                 reverse=reverse):
-                masks[index] = (logits[0, 0] > 0).cpu().numpy()
-                if advance:
-                    advance()
-    return masks
-
-
+    masks, _ = track_objects(predictor, frames, [(points, box)], prompt_frame, progress)
+    return masks[0]
 
 
 # ----------------------------------------------------------------------------------- several objects

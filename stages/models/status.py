@@ -76,9 +76,10 @@ def models_status(**paths: Any) -> dict[str, Any]:
     paths: sd15=..., motion_adapter=... as for load_models.
     """
     sd15, adapter = _sd15_status(paths), _adapter_status(paths)
+    from stages.models.detector import detector_status
     from stages.models.sparsectrl import sparsectrl_status
 
-    comps = [sd15, adapter, _tokenizer_status(), *_sam2_status(), sparsectrl_status()]
+    comps = [sd15, adapter, _tokenizer_status(), *_sam2_status(), sparsectrl_status(), detector_status()]
     env: dict[str, Any] = {k: os.environ.get(k) for k in (ENV_SD15, ENV_MOTION_ADAPTER, ENV_SD15_CONFIG,
                                                            ENV_SAM2_DIR, *HF_ENV)}
     try:

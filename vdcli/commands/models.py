@@ -13,7 +13,8 @@ from vdcli.common import JsonOpt, QuietOpt, app, run
 
 # `vd models` component name -> the `vd models --get` name that fetches it
 GET_NAMES = {"sd15": "sd15", "motion_adapter": "motion-adapter", "sam2-tiny": "sam2-tiny", "sam2-small": "sam2-small",
-             "sam2-base_plus": "sam2-base_plus", "sam2-large": "sam2-large", "sparsectrl-rgb": "sparsectrl-rgb"}
+             "sam2-base_plus": "sam2-base_plus", "sam2-large": "sam2-large", "sparsectrl-rgb": "sparsectrl-rgb",
+             "grounding-dino": "grounding-dino"}
 
 
 def _human(result: dict[str, Any]) -> None:
