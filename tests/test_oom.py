@@ -199,3 +199,18 @@ def test_dry_run_refuses_what_a_run_would(tmp_path, no_load):
     r = vd("invert", ws.path, "--dry-run", "--window", "40")
     assert r.exit_code == 2 and "--window" in r.stderr
     np.testing.assert_equal(ws.has("inversion"), False)
+
+
+def test_edit_out_of_memory_names_the_edit_pass_and_keeps_the_workspace(tmp_path, tiny, loads, table, fail_after):
+    ws = make_workspace(tmp_path / "ws")
+    done = vd("invert", ws.path, "--prompt", "a red disc", "--model", "sd15-random", "--steps", 2, "--null-steps", 1,
+              "--device", "cpu")
+    assert done.exit_code == 0, done.output
+    fail_after(0, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB"))
+    line = one_error_line(vd("edit", ws.path, "--prompt", "a blue disc", "--device", "cpu"), 5)
+    # the injected table's edit pass: UNet weights 0.5 Gi elements x 4 bytes = 2 GiB, plus activations scaled by
+    # the tokens (8x8 latents / 64x64 at 512 px = 1/64): (2 GiB + 4 frames x 0.25 GiB) / 64 = 0.047 GiB
+    assert " in vd edit: predicted need about 2.0 GiB (4 frames of 64x64 per UNet call, fp32, " in line, line
+    assert "--checkpointing" not in line and line.endswith("a smaller `vd mask --size` (e.g. 384)")
+    assert not any(ws.has(f"edits/{name}/frames") for name in ("a-blue-disc", "blue-disc"))
+    assert bool(ws.read("inversion/done").all())

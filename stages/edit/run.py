@@ -31,6 +31,7 @@ from stages.method.prompts import changed_words, resolve_prompt, slug, words
 from stages.io.workspace import Workspace, check_name
 from stages.edit.regions import RegionPlan, object_arrays, object_names, plan_regions, validate_regions
 from stages.edit.sampling import edit_latents
+from stages.models.oom import oom_answered
 
 
 # eval/<name> holds an edit's scores; these names are eval's own (the inversion's scores, the charts)
@@ -234,6 +235,24 @@ def _verify_inputs(ws: Workspace, cfgs: Sequence[EditConfig]) -> None:
 
 
 # ----------------------------------------------------------------------------------------- entry points
+def _oom_plan(ws: Workspace, cfgs: Sequence[EditConfig], progress: Any = None, models: Any = None, *_: Any,
+              **__: Any) -> Any:
+    """The edit's MemoryPlan (stages.models.oom) for run_edits' own arguments: clip size, window, model."""
+    from stages.models.oom import MemoryPlan
+
+    frames, height, width = (int(v) for v in ws.array("video/frames").shape[:3])
+    attrs = ws.group_attrs("inversion")
+    settings = attrs.get("settings") or {}
+    dtype, device = "fp32", ""
+    if models is not None:
+        from stages.invert.checkpointing import models_dtype
+
+        dtype, device = models_dtype(models), str(models.device)
+    return MemoryPlan("edit", frames, height, width, dtype, window=settings.get("window"),
+                      model=str((attrs.get("model") or {}).get("spec", "")), device=device)
+
+
+@oom_answered(_oom_plan)
 @stagelock.scoped
 def run_edits(ws: Workspace, cfgs: Sequence[EditConfig], progress: Progress | None = None,
               models: Any = None) -> list[dict[str, Any]]:
