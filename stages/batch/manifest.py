@@ -2,8 +2,10 @@
 
 A manifest has `defaults` (applied to every clip) and `clips` (one entry per clip). Keys are the flags of
 `vd mask` and `vd invert` with underscores (frames, size, box, box_only, prompt, subject, model, ...), plus
-`clip`, `name`, `edits`, `preset`, `device` and the stage sections `mask:`, `invert:`, `edit:`, `eval:`
-(the stages' settings, as in presets). Per-clip keys override `defaults`; sections are merged key by key.
+`clip`, `name`, `edits`, `preset`, `device`, `objects` (named objects: [{name, phrase, points, box, text}])
+and the stage sections `mask:`, `invert:`, `edit:`, `eval:` (the stages' settings, as in presets). An edit
+is a prompt, or a mapping with `prompt:` or `regions:` ({object name: target phrase}, as `vd edit --region`).
+Per-clip keys override `defaults`; sections are merged key by key.
 Settings are built with stages.common.config.build_config (type checks) and checked with the stages' own rules,
 so a bad entry fails here, naming its index and key, before any clip runs. A missing clip file is not a
 manifest error: it fails that clip alone at run time.
@@ -26,7 +28,7 @@ from stages.io.storage import is_url
 from stages.common.errors import first_line
 
 MASK_FLAGS = ("frames", "size", "start", "stride", "fps", "sample", "resize", "point", "points", "box",
-              "prompt_frame", "sam2", "mask_dir", "mask_video", "box_only", "no_ellipse")
+              "prompt_frame", "sam2", "mask_dir", "mask_video", "box_only", "no_ellipse", "objects")
 INVERT_FLAGS = ("prompt", "subject", "negative_prompt", "model", "steps", "cfg", "null_steps", "stdg", "region",
                 "no_stdg", "shared_null", "schedule", "seed", "per_frame_groupnorm", "store_components", "plain",
                 "compare_ddim", "dtype", "method")
@@ -172,22 +174,29 @@ def _plan(index: int, defaults: dict[str, Any], entry: dict[str, Any], base: Pat
         mask.mask_video = str((base / mask.mask_video).resolve())
     if not (invert.prompt or "").strip():
         raise InputError(f"{where_c}: missing `prompt:` (describe the source video)")
-    _check_mask(mask, where_c)
+    if invert.subject and not mask.objects and mask.subject is None:
+        mask.subject = invert.subject  # as `vd mask --subject`: the one object is named after it
+    specs = _check_mask(mask, where_c)
     _stage_check("stages.invert", "validate", invert, where_c)
 
     edits_raw = entry.get("edits", defaults.get("edits")) or []
     if not isinstance(edits_raw, list):
-        raise InputError(f"{where_c}: `edits:` must be a list of prompts or {{prompt, name, ...}} mappings")
+        raise InputError(f"{where_c}: `edits:` must be a list of prompts or {{prompt or regions, name, ...}} "
+                         "mappings")
     edits, names = [], []
     for k, item in enumerate(edits_raw):
         at = f"{where_c}, edits[{k}]"
         if isinstance(item, str):
             item = {"prompt": item}
+        if isinstance(item, dict) and "regions" in item:
+            _check_regions_item(item, at)
+            item = {**item, "prompt": ""}
         if isinstance(item, dict) and item.get("first_frame") and "prompt" not in item:
             item = {**item, "prompt": ""}  # a first-frame edit without a prompt keeps the source prompt
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not (
-                item["prompt"].strip() or item.get("first_frame")):
-            raise InputError(f"{at}: an edit is a prompt text or a mapping with `prompt:` (and optional `name:`)")
+                item["prompt"].strip() or item.get("first_frame") or item.get("regions")):
+            raise InputError(f"{at}: an edit is a prompt text or a mapping with `prompt:` or `regions:` "
+                             "(and optional `name:`)")
         owned = [key for key in BATCH_OWNED["edit"] + ("device", "dtype") if key in item]
         if owned:
             raise InputError(f"{at}: {owned[0]!r} is not a per-edit manifest setting")
@@ -197,7 +206,7 @@ def _plan(index: int, defaults: dict[str, Any], entry: dict[str, Any], base: Pat
         if invert.dtype != "auto":
             cfg.dtype = invert.dtype
         _stage_check("stages.edit.run", "validate_edit", cfg, at)
-        name = _edit_name(cfg, invert, at)
+        name = _edit_name(cfg, invert, at, _region_target(cfg, invert, specs, at) if cfg.regions else None)
         if name in names:
             raise InputError(f"{at}: duplicate edit name {name!r} for this clip; give each edit its own `name:`")
         edits.append(cfg)
@@ -260,29 +269,70 @@ def _stage_check(module: str, fn: str, cfg: Any, where: str) -> None:
         raise InputError(f"{where}: {first_line(exc)}") from None
 
 
-def _check_mask(cfg: Any, where: str) -> None:
-    from stages.mask.run import check_options, check_prompts_inside, parse_box, parse_point
+def _check_mask(cfg: Any, where: str) -> list[Any]:
+    """The mask stage's checks (every object's prompts inside the frame); returns its ObjectSpecs."""
     from stages.io.video import parse_size
+    from stages.mask.objects import check_objects_inside, object_specs
+    from stages.mask.run import check_options
 
     try:
         check_options(cfg)
         height, width = parse_size(cfg.size)
-        box = parse_box(cfg.box) if cfg.box else None
-        check_prompts_inside([parse_point(p) for p in cfg.points], box, height, width)
+        specs = object_specs(cfg)
+        check_objects_inside(specs, height, width)
     except VdError as exc:
         raise InputError(f"{where}: {first_line(exc)}") from None
+    return specs
 
 
-def _edit_name(cfg: Any, invert: Any, where: str) -> str:
-    """The edit's name as `vd edit` will choose it (explicit, or from the changed words)."""
+def _check_regions_item(item: dict[str, Any], where: str) -> None:
+    """A region edit: `regions:` a non-empty mapping, and no `prompt:` beside it."""
+    regions = item["regions"]
+    if "prompt" in item:
+        raise InputError(f"{where}: give `prompt:` or `regions:`, not both (regions build the target prompt)")
+    if not isinstance(regions, dict) or not regions:
+        raise InputError(f"{where}: `regions:` must map object names to target phrases, e.g. {{dog: cat}}")
+
+
+class _PlannedObjects:
+    """The objects `vd mask` will write for a clip, shaped as the workspace group stages.edit.regions reads."""
+
+    def __init__(self, specs: list[Any], where: str):
+        self.path = where
+        self._attrs = {"names": [s.name for s in specs], "phrases": {s.name: s.phrase for s in specs}}
+
+    def group_attrs(self, name: str) -> dict[str, Any]:
+        return self._attrs
+
+
+def _region_target(cfg: Any, invert: Any, specs: list[Any], where: str) -> str:
+    """The target prompt of a region edit, checked against the clip's objects and the inversion prompt."""
+    from stages.edit.regions import plan_regions
+
+    names = [s.name for s in specs]
+    for key, table in (("regions", cfg.regions), ("objects", cfg.objects)):
+        for name in table:
+            if name not in names:
+                raise InputError(f"{where}: {key}: unknown object {name!r}; this clip's objects are "
+                                 f"{', '.join(names)}")
+    try:
+        return plan_regions(_PlannedObjects(specs, where), invert.prompt, cfg.regions,  # type: ignore[arg-type]
+                            cfg.objects).target
+    except VdError as exc:
+        raise InputError(f"{where}: regions: {first_line(exc)}") from None
+
+
+def _edit_name(cfg: Any, invert: Any, where: str, target: str | None = None) -> str:
+    """The edit's name as `vd edit` will choose it (explicit, or from the changed words); `target` is a
+    region edit's target prompt."""
     from stages.edit.run import RESERVED_NAMES
     from stages.method.prompts import changed_words, resolve_prompt, slug
     from stages.io.workspace import check_name
 
     try:
-        if cfg.first_frame and not cfg.prompt.strip():  # as stages.edit.run.plan_edit
+        if target is None and cfg.first_frame and not cfg.prompt.strip():  # as stages.edit.run.plan_edit
             target = invert.prompt
-        else:
+        elif target is None:
             target, _mode = resolve_prompt(cfg.prompt, invert.prompt, invert.subject)
         name = check_name(cfg.name or slug(changed_words(invert.prompt, target) or list(cfg.reweight),
                                            default="first-frame" if cfg.first_frame else "edit"))
