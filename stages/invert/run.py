@@ -90,7 +90,7 @@ def run_invert(ws: Workspace, cfg: InvertConfig, progress: Progress, models: Any
     except KeyboardInterrupt:
         done = ws.read(f"{GROUP}/done") if ws.has(f"{GROUP}/done") else np.zeros(1, bool)
         kept = int(done[: int(cfg.steps)].sum())
-        raise Interrupted(f"interrupted; {kept} of {cfg.steps} null-text steps are saved in {ws.path}, "
+        raise Interrupted(f"interrupted; {kept} of {cfg.steps} {cfg.method} steps are saved in {ws.path}, "
                           f"rerun the same command to resume") from None
     finally:
         controller.clear()
