@@ -18,7 +18,6 @@ import argparse
 import datetime as dt
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,10 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 RESULTS = ROOT / "bench" / "RESULTS.md"
+
+import bench as B  # noqa: E402  (the shared harness: commit id)
 T_STEP = 501
 
 
@@ -112,16 +114,6 @@ def report(row: dict[str, Any], px: int, frames: int, threads: int) -> list[str]
     ]
 
 
-def _commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return rev + ("+uncommitted" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--px", type=int, default=128)
@@ -138,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     if args.record:
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        head = (f"\n### {stamp} | CPU {platform.machine()} x{os.cpu_count()} | commit {_commit()} | "
+        head = (f"\n### {stamp} | CPU {platform.machine()} x{os.cpu_count()} | commit {B.commit_id()} | "
                 f"bench/checkpointing.py: sd15-random, fp32, {args.px} px, {args.frames} frames, "
                 f"{args.threads} thread(s), process CPU seconds, best of {args.repeats}\n")
         with RESULTS.open("a") as fh:

@@ -48,7 +48,10 @@ from typing import Any, Callable, Iterator
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 RESULTS = ROOT / "bench" / "RESULTS.md"
+
+import bench as B  # noqa: E402  (the shared harness: commit id)
 
 GIB = 1 << 30
 PASSES = ("ddim", "stdg", "null_text", "edit", "vae_encode", "vae_decode")
@@ -662,16 +665,6 @@ def coefficient_block(coefficients: dict[str, Any], weights: dict[str, int]) -> 
     return "\n".join(lines)
 
 
-def _commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return rev + ("+uncommitted" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtypes", default="bf16,fp32", help="bf16 (GPU emulation) and/or fp32")
@@ -761,7 +754,7 @@ def _run_real(px: int, frames: int, points: list[Point]) -> dict[str, Any]:
 def _record(points: list[Point], preds: list[str], block: str, real: dict[str, Any] | None, seconds: float) -> None:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"\n### {stamp} | CPU, fake-tensor measurement ({platform.machine()} x{os.cpu_count()}) | commit "
-             f"{_commit()} | bench/memory.py ({seconds:.0f} s)\n", *summary_table(points), "",
+             f"{B.commit_id()} | bench/memory.py ({seconds:.0f} s)\n", *summary_table(points), "",
              "Predicted peak at 16 frames:", "", *preds, "", "```", block, "```"]
     if real is not None:
         shown = {k: v for k, v in real.items() if k != "fake"}
