@@ -3,6 +3,11 @@
 Frames are always uint8 RGB arrays (F, H, W, 3). Decoding uses PyAV (any container FFmpeg reads:
 mp4, mov, webm, mkv, gif, avi, ...); a folder of images is read with Pillow in natural name order.
 Every writer is atomic: it writes a temporary file beside the target and renames it into place.
+
+A clip's identity (`source_sha256`) comes from content only: a video file is the sha256 of its bytes; an
+image folder is a sha256 over every image's name and the sha256 of its bytes, so a frame replaced by
+another of the same size is a changed clip. File digests come from stages.common.digest.file_sha256 (a
+cache keyed by device, inode, size, mtime and ctime: restoring the old mtime does not fool it).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from stages.common.digest import file_sha256
 from stages.common.errors import InputError, UsageError
 from stages.io.workspace import atomic_path
 from stages.common.errors import first_line
@@ -53,16 +59,14 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def source_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, or of a folder's image listing (names and sizes)."""
+    """A clip's content identity: the sha256 of a video file's bytes, or for an image folder a sha256 over
+    each image's name and the sha256 of its bytes (in frame order). InputError when it cannot be read."""
     path = Path(path)
-    digest = hashlib.sha256()
-    if path.is_dir():
-        for p in list_images(path):
-            digest.update(f"{p.name}\0{p.stat().st_size}\n".encode())
-        return digest.hexdigest()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+    if not path.is_dir():
+        return file_sha256(path)
+    digest = hashlib.sha256(b"vd-image-folder/2\n")
+    for p in list_images(path):
+        digest.update(f"{p.name}\0{file_sha256(p)}\n".encode())
     return digest.hexdigest()
 
 

@@ -1,11 +1,13 @@
-"""Model identity from content only: the full sha256 of every weight file (all shards, all components, the
-tokenizer) and the configs' own keys. Never from loaded objects (libraries add process-dependent keys), from
-file locations or from file names, so a moved or renamed copy keeps its identity and any changed byte
-(a LoRA merged into a middle layer) gives a new one.
+"""Model identity from content only: the full sha256 of every weight file diffusers / transformers load (all
+shards, all components, the tokenizer) and the configs' own keys. Never from loaded objects (libraries add
+process-dependent keys), from file locations or from file names, so a moved or renamed copy keeps its
+identity and any changed byte (a LoRA merged into a middle layer) gives a new one.
 
-A file in a Hugging Face cache is named by its hash (snapshots/<rev>/f -> blobs/<sha256> for LFS files):
-that name is used as is. Other files are hashed once; the digest is cached under the vd cache
-(<vd cache>/file-sha256/<device>-<inode>-<size>-<mtime_ns>), so an unchanged file is never read again.
+Which files count is decided by stages.models.resolve with the same rule loading uses (so a backup such as
+`diffusion_pytorch_model.orig.safetensors` beside the real file never counts). Every file is read and hashed
+like any other, Hugging Face cache blobs included (their blobs/<sha256> names are not trusted, so a blob
+edited in place gives a new identity); digests are reused through stages.common.digest.file_sha256, whose
+cache key includes the ctime, so content replaced with the old mtime restored is read again.
 
 stages.models.resolve finds a spec's identity without loading the model.
 Identities look like "sd15-animatediff-v2-<20 hex>". Older vd versions wrote "sd15-animatediff-<16 hex>"
@@ -16,19 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import uuid
 from pathlib import Path
 from typing import Any
 
-from stages.common.digest import digest
+from stages.common.digest import digest, file_sha256
 from stages.common.errors import InputError
-from stages.models.catalog import MODEL_SUBFOLDERS, vd_cache
+from stages.models.catalog import MODEL_SUBFOLDERS
 
 VERSION = "v2"
-HASH_CACHE = "file-sha256"
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _LEGACY = re.compile(r"sd15-animatediff-[0-9a-f]{16}")
 _SHARD = re.compile(r"(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})(?P<ext>\.[A-Za-z0-9]+)")
 
@@ -44,55 +42,7 @@ def legacy_message(fingerprint: str, where: str) -> str:
             f"rerun `vd invert {where} --restart`")
 
 
-# ------------------------------------------------------------------------------------- file digests
-
-def hub_blob_sha256(path: Path) -> str | None:
-    """The sha256 a Hugging Face cache names `path` by (a symlink into blobs/<sha256>), else None."""
-    real = Path(path).resolve()
-    if real.parent.name == "blobs" and _SHA256.fullmatch(real.name):
-        return real.name
-    return None
-
-
-def _cache_key(path: Path) -> str:
-    st = path.stat()
-    return f"{st.st_dev}-{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
-
-
-def file_sha256(path: Path) -> str:
-    """Full sha256 of a file: the Hugging Face blob name, a cached digest, or computed once and cached."""
-    path = Path(path)
-    named = hub_blob_sha256(path)
-    if named:
-        return named
-    real = path.resolve()
-    try:
-        entry = vd_cache(HASH_CACHE) / _cache_key(real)
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        cached = entry.read_text().strip()
-        if _SHA256.fullmatch(cached):
-            return cached
-    except OSError:
-        pass
-    h = hashlib.sha256()
-    try:
-        with open(real, "rb") as fh:
-            for block in iter(lambda: fh.read(8 << 20), b""):
-                h.update(block)
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
-    value = h.hexdigest()
-    try:  # the cache only saves time: a read-only or full cache folder is not an error
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_name(f"{entry.name}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(value)
-        os.replace(tmp, entry)
-    except OSError:
-        pass
-    return value
-
+# ------------------------------------------------------------------------------------- files
 
 def shard_files(path: Path) -> list[Path]:
     """Every file a weight file stands for: all shards of a sharded checkpoint (in shard order) and their
@@ -148,10 +98,14 @@ def fingerprint(kind: str, files: list[Path], configs: list[dict[str, Any]]) -> 
     h = hashlib.sha256(f"{kind}/{VERSION}".encode())
     h.update(json.dumps([config_identity(c) for c in configs], sort_keys=True, default=str).encode())
     tokenizers: list[Path] = []
+    seen: set[Path] = set()
     for p in files:
         p = Path(p)
         component = p.parent.name if p.parent.name in MODEL_SUBFOLDERS else ""
         for part in shard_files(p):
+            if part in seen:  # a resolved sharded checkpoint lists every shard; each counts once
+                continue
+            seen.add(part)
             h.update(f"\n{component}:{file_sha256(part)}".encode())
         if component and p.parent.parent not in tokenizers:
             tokenizers.append(p.parent.parent)

@@ -1,5 +1,5 @@
-"""What a diffusers model folder holds: its weight files, the one `from_pretrained` picks, and whether a
-folder is a loadable SD1.5 pipeline. Path checks only (nothing is read or loaded)."""
+"""What a diffusers model folder holds: its weight files, and whether a folder is a loadable SD1.5 pipeline.
+Path checks only (nothing is read or loaded); which file from_pretrained reads is stages.models.resolve.component."""
 
 from __future__ import annotations
 
@@ -16,13 +16,6 @@ def weight_files(folder: Path, subfolders: tuple[str, ...] = ("",)) -> list[Path
         if d.is_dir():
             files += sorted(p for p in d.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
     return files
-
-
-def main_weight_file(folder: Path) -> Path | None:
-    """The weight file from_pretrained picks in a component folder (full precision first, then fp16)."""
-    files = [p for p in weight_files(folder) if "non_ema" not in p.name]
-    rank = lambda p: (".fp16." in p.name, not p.name.endswith(".safetensors"), p.name)  # noqa: E731
-    return min(files, key=rank) if files else None
 
 
 def is_sd15_folder(path: Path) -> bool:

@@ -26,18 +26,18 @@ from stages.models.configs import RANDOM_SPECS, TINY_SEED
 from stages.models.formats import adapter_from_file, folder_tokenizer, load_single_file
 from stages.models.ops import Models, resolve_device, resolve_dtype
 from stages.models.patches import set_motion_groups, set_per_frame_groupnorm
-from stages.models.resolve import resolve_weights
+from stages.models.resolve import require_component, resolve_weights
 
 
 def _from_pretrained(cls: Any, folder: Path, subfolder: str) -> Any:
-    """from_pretrained with local files only; falls back to the fp16 variant when only that is present."""
+    """from_pretrained with local files only, of the variant whose files the model identity hashed
+    (stages.models.resolve.component: full precision, else fp16)."""
+    part = require_component(folder, subfolder)
     try:
-        return cls.from_pretrained(folder, subfolder=subfolder, local_files_only=True)
-    except (OSError, EnvironmentError, ValueError) as exc:
-        try:
-            return cls.from_pretrained(folder, subfolder=subfolder, local_files_only=True, variant="fp16")
-        except Exception:
-            raise ModelMissingError(f"cannot load {subfolder} from {folder}: {first_line(exc)}") from exc
+        return cls.from_pretrained(folder, subfolder=subfolder, local_files_only=True, variant=part.variant)
+    except (OSError, ValueError) as exc:
+        raise ModelMissingError(f"cannot load {subfolder or 'the motion adapter'} from {folder}: "
+                                f"{first_line(exc)}") from exc
 
 
 def _load_sd15_folder(folder: Path) -> tuple[Any, Any, Any, Any]:
