@@ -33,6 +33,19 @@ def test_actors_get_only_allow_listed_settings():
                                      "OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"}
 
 
+def test_a_local_cluster_inherits_no_secret():
+    from stages.batch.engines import node_env
+
+    environ = {"HF_TOKEN": "hf_secret", "HUGGING_FACE_HUB_TOKEN": "hf_secret", "AWS_ACCESS_KEY_ID": "AKIA",
+               "AWS_SECRET_ACCESS_KEY": "s", "AWS_SESSION_TOKEN": "t", "VD_DOWNLOAD_MIRROR": "https://u:p@mirror",
+               "VD_API_TOKEN": "t", "GITHUB_TOKEN": "t", "PYTEST_CURRENT_TEST": "x", "HF_HOME": "/data/hf",
+               "VD_SD15": "/models/sd15", "PATH": "/usr/bin", "HOME": "/home/me", "LC_ALL": "C.UTF-8",
+               "RAY_DEDUP_LOGS": "0", "HF_HUB_OFFLINE": "1", "AWS_PROFILE": "batch"}
+    assert node_env(environ) == {"HF_HOME": "/data/hf", "VD_SD15": "/models/sd15", "PATH": "/usr/bin",
+                                 "HOME": "/home/me", "LC_ALL": "C.UTF-8", "RAY_DEDUP_LOGS": "0",
+                                 "HF_HUB_OFFLINE": "1", "AWS_PROFILE": "batch"}
+
+
 @pytest.mark.parametrize("devices,cluster,want", [
     (["cuda", "auto"], 0.0, 1.0),  # asked for CUDA: ask Ray for a GPU even before GPU nodes exist
     (["cpu", "cpu"], 4.0, 0.0),  # every clip on the CPU: no GPU held
@@ -78,6 +91,24 @@ def test_out_of_memory_is_not_retried_and_keeps_its_hint(one_clip, monkeypatch):
     assert calls == ["a"] and clip["attempt"] == 0 and clip["transient"] is False
     assert clip["error"].startswith("out of memory on ") and "in vd mask" in clip["error"]
     assert "reduce it with" in clip["error"] and "\n" not in clip["error"]
+
+
+def test_numpy_out_of_memory_is_not_retried(one_clip, monkeypatch):
+    import numpy as np
+
+    from stages.batch.worker import Worker
+
+    calls = []
+
+    def hungry(self, plan, *args):
+        calls.append(plan.name)
+        np.zeros((1 << 30, 1 << 30), dtype=np.float32)  # 4 EiB: numpy raises MemoryError
+
+    monkeypatch.setattr(Worker, "_mask", hungry)
+    rep, _ = _run(one_clip, "--retry", "2")
+    clip = rep["clips"][0]
+    assert calls == ["a"] and clip["transient"] is False
+    assert clip["error"].startswith("out of memory on cpu") and "in vd mask" in clip["error"]
 
 
 def test_failed_clip_brings_its_log_to_the_report(one_clip, monkeypatch):

@@ -82,6 +82,14 @@ def test_what_counts_as_out_of_memory():
         raise ValueError("shapes")  # everything else passes unchanged
 
 
+def test_numpy_running_out_of_memory_is_out_of_memory():
+    with pytest.raises(MemoryError) as err:
+        np.empty(1 << 62, dtype=np.uint8)  # 4 EiB: no allocator can give it
+    assert is_oom(err.value)
+    with pytest.raises(OutOfMemory, match="out of memory on cpu"), answer_oom(stage="mask"):
+        np.empty(1 << 62, dtype=np.uint8)
+
+
 def test_the_message_names_need_device_and_what_reduces_it(table):
     plan = MemoryPlan("invert", 32, 512, 512, "bf16", window=16, model="sd15-animatediff-v3", device="cuda:0")
     info = {"device": "cuda:0", "name": "NVIDIA L4", "total": 22 * GIB, "available": 3 * GIB}
@@ -112,7 +120,9 @@ def test_the_failed_call_releases_its_tensors():
     assert info.value.exit_code == 5 and refs[0]() is None
 
 
-def test_invert_out_of_memory_through_the_cli_then_resume(tmp_path, tiny, loads, table, fail_after):
+def test_invert_out_of_memory_through_the_cli_then_resume(tmp_path, tiny, loads, table, fail_after, monkeypatch):
+    # `loads` hands out tiny for sd15-random: the identity found from its files must say the same
+    monkeypatch.setattr("stages.models.resolve.model_identity", lambda spec, *a, **k: tiny.fingerprint)
     ws = make_workspace(tmp_path / "ws")
     args = ("invert", ws.path, "--prompt", "a red disc", "--model", "sd15-random", "--steps", 3, "--null-steps", 2,
             "--device", "cpu", "--checkpointing", "off")

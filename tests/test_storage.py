@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.common.errors import InputError
+from stages.common.errors import InputError, Transient
 from stages.io import storage as S
 from stages.io.storage import LEASE, MARKER, PREVIOUS, LeaseHeld, Storage
 
@@ -212,7 +212,7 @@ def test_push_whose_pointer_landed_is_not_pushed_again(tmp_path, monkeypatch):
 
 
 def test_second_writer_refused_stale_writer_loses(url, tmp_path):
-    first = Storage(url, tmp_path / "node1")
+    first = Storage(url, tmp_path / "node1", lease_s=2.0)
     first.pull()
     write(first.local, MASK)
     first.push("mask")
@@ -220,14 +220,12 @@ def test_second_writer_refused_stale_writer_loses(url, tmp_path):
     with pytest.raises(LeaseHeld) as err:
         second.pull()
     message = str(err.value)
-    assert isinstance(err.value, InputError) and "\n" not in message and "being written by" in message
+    assert isinstance(err.value, Transient) and "\n" not in message and "being written by" in message
     with pytest.raises(LeaseHeld):
         second.push("mask")
-    # the first writer stalls (no renewals) until its lease expires: the second takes over
+    # the first writer stalls (no heartbeats): once its TTL passes on the store's clock, the second takes over
     first.lease._stop.set()
-    lease = first.lease
-    record = json.loads(first.fs.cat_file(lease.path))
-    first.fs.pipe_file(lease.path, json.dumps({**record, "expires": time.time() - 1}).encode())
+    second.wait_dead = True
     assert second.pull()
     assert contents(second.local) == MASK
     # the stale writer wakes up and pushes: refused, the pointer does not move
@@ -248,8 +246,8 @@ def test_lease_is_renewed_while_the_writer_lives(s3, tmp_path):
     writer = Storage(url, tmp_path / "node1", lease_s=3.0)
     writer.pull()
     path = writer.lease.path
-    expires = json.loads(writer.fs.cat_file(path))["expires"]
-    wait_for(lambda: json.loads(writer.fs.cat_file(path))["expires"] > expires)  # renewed in the background
+    beat = json.loads(writer.fs.cat_file(path))["beat"]
+    wait_for(lambda: json.loads(writer.fs.cat_file(path))["beat"] > beat)  # renewed in the background
     with pytest.raises(LeaseHeld):
         Storage(url, tmp_path / "node2").pull()
     writer.release()

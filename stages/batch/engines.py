@@ -3,19 +3,23 @@ thread, or a ThreadPoolExecutor) or as Ray Core actors (RayEngine). Clips go to 
 
 Ray: each actor asks for `threads` CPUs and `gpus` GPUs (never a share of the cluster's total, so it fits
 on one node); actors that do not start within the schedule timeout stop the batch with one line naming the
-request and what the cluster offers. A lost actor is restarted by Ray and its clip retried (max_restarts,
-max_task_retries). Actors get only the FORWARD_ENV settings of the driver's environment.
+request and what the cluster offers. A lost actor is restarted by Ray (max_restarts); its clip comes back
+marked `worker_lost`, and the driver reruns it (LOST_WORKER_RERUNS, besides --retry) on whichever healthy
+actor is free, never on the restarting one: an actor whose call failed gets no clip until a probe call answers again (and is dropped
+when Ray gives up on it). Actors get only the FORWARD_ENV settings of the driver's environment, and a local
+cluster vd starts inherits only NODE_ENV (so no Ray process holds a token or credential of the driver).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 from stages.batch.worker import Job, Worker, clip_result
 from stages.common.errors import UsageError, first_line
@@ -24,12 +28,27 @@ ENGINES = ("local", "ray")
 DEFAULT_THREADS = 2  # CPUs (and torch threads) per Ray actor
 SCHEDULE_TIMEOUT = 300.0  # seconds for the first Ray actor to start
 ACTOR_RESTARTS = 3  # times Ray restarts a lost actor (a node gone, a crash)
+PROBE_EVERY = 0.5  # seconds between probes of an actor Ray is restarting
 # The only settings handed to Ray actors: not secret, and meaning the same on every machine. Tokens and
 # credentials (HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...) and this machine's paths (HF_HOME, HF_HUB_CACHE,
 # VD_SD15, VD_SAM2_DIR, ...) are never forwarded: each node uses its own environment for those.
 FORWARD_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "VD_DEBUG",
                "TOKENIZERS_PARALLELISM", "PYTORCH_CUDA_ALLOC_CONF", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
                "AWS_REGION", "AWS_DEFAULT_REGION")
+# What the processes of a local cluster vd starts (GCS, raylet, every worker) inherit of the driver's
+# environment: the system's and Ray's own settings, FORWARD_ENV and this machine's model paths (the local
+# cluster IS this machine). Never a token, secret or credential (HF_TOKEN, AWS_SECRET_ACCESS_KEY,
+# VD_DOWNLOAD_MIRROR which may carry a password): workers that need one read the standard files
+# (~/.cache/huggingface/token, ~/.aws/credentials).
+NODE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP",
+            "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX", "LD_LIBRARY_PATH", "CUDA_HOME",
+            "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
+            "XDG_CACHE_HOME", "TORCH_HOME", "HF_HOME", "HF_HUB_CACHE", "AWS_PROFILE", "AWS_CONFIG_FILE",
+            "AWS_SHARED_CREDENTIALS_FILE", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "AWS_CA_BUNDLE",
+            *FORWARD_ENV)
+NODE_PREFIXES = ("LC_", "RAY_", "VD_")  # locale, Ray's own configuration, vd's model paths
+NEVER_ENV = ("VD_DOWNLOAD_MIRROR",)
+SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "API_KEY", "ACCESS_KEY", "PRIVATE", "SESSION")
 
 
 class Engine(Protocol):
@@ -91,6 +110,36 @@ def actor_env(threads: int, environ: Mapping[str, str] | None = None) -> dict[st
     env = {k: environ[k] for k in FORWARD_ENV if environ.get(k)}
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return env
+
+
+def node_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What a local cluster vd starts inherits of `environ` (os.environ): NODE_ENV and NODE_PREFIXES, never a
+    name in NEVER_ENV or one that names a secret (Ray's own RAY_* settings aside: its processes hold those)."""
+    environ = os.environ if environ is None else environ
+
+    def kept(name: str) -> bool:
+        if name.startswith("RAY_"):
+            return True
+        if name in NEVER_ENV or any(word in name.upper() for word in SECRET_WORDS):
+            return False
+        return name in NODE_ENV or name.startswith(NODE_PREFIXES)
+
+    return {k: v for k, v in environ.items() if kept(k)}
+
+
+@contextlib.contextmanager
+def scrubbed_environ() -> Iterator[None]:
+    """Within the block os.environ holds only node_env(): processes started meanwhile (a local Ray cluster)
+    inherit nothing else; the driver gets the rest back afterwards."""
+    keep = node_env()
+    removed = {k: v for k, v in os.environ.items() if k not in keep}
+    for key in removed:
+        os.environ.pop(key, None)
+    try:
+        yield
+    finally:
+        for key, value in removed.items():
+            os.environ.setdefault(key, value)
 
 
 def default_gpus(devices: list[str], cluster_gpus: float) -> float:
@@ -201,7 +250,9 @@ class RayEngine:
             logging.getLogger("ray").setLevel(logging.ERROR)
         self.started = not ray.is_initialized()
         if self.started:  # actors' output reaches this terminal only when asked for (-v, VD_DEBUG)
-            ray.init(address=opts.address, include_dashboard=False, configure_logging=False, log_to_driver=verbose)
+            with scrubbed_environ():  # a local cluster started now inherits no secret of this process
+                ray.init(address=opts.address, include_dashboard=False, configure_logging=False,
+                         log_to_driver=verbose)
         total = ray.cluster_resources()
         self.gpus = (float(opts.gpus_per_worker) if opts.gpus_per_worker is not None
                      else default_gpus(devices, float(total.get("GPU", 0))))
@@ -212,14 +263,17 @@ class RayEngine:
                        else len([n for n in ray.nodes() if n.get("Alive")]))
         self.size = max(1, min(int(workers), clips))
         self.timeout = float(opts.schedule_timeout)
+        # max_task_retries 0: Ray would retry a lost clip on the same, restarting actor; the driver retries it
+        # (--retry, opts.retry) on a healthy one instead
         self.options = {"num_cpus": self.threads, "num_gpus": self.gpus, "max_restarts": ACTOR_RESTARTS,
-                        "max_task_retries": int(opts.retry),
-                        "runtime_env": {"env_vars": actor_env(self.threads)}}
+                        "max_task_retries": 0, "runtime_env": {"env_vars": actor_env(self.threads)}}
         self.queue = Queue(actor_options={"num_cpus": 0})
         cls = ray.remote(Worker)
         self.actors = [cls.options(**self.options).remote(i, self.threads, None, self.queue, None, verbose)
                        for i in range(self.size)]
         self.starting = {actor.stats.remote(): actor for actor in self.actors}
+        self.recovering: dict[Any, tuple[Any, float]] = {}  # probe -> (actor whose call failed, since when)
+        self.later: list[tuple[float, Any, float]] = []  # (probe again at, actor, since when)
         self.idle: list[Any] = []
         self.calls: dict[Any, tuple[Any, Job]] = {}
         self.dead: list[dict[str, Any]] = []
@@ -239,8 +293,11 @@ class RayEngine:
 
     def wait(self, handles: list[Any], timeout: float) -> list[tuple[Any, dict[str, Any]]]:
         ray = self.ray
-        refs = list(handles) + list(self.starting)
+        self._probe_due()
+        refs = list(handles) + list(self.starting) + list(self.recovering)
         if not refs:
+            if self.later:  # only actors waiting to be probed again
+                time.sleep(max(0.0, min(timeout, self.later[0][0] - time.monotonic())))
             return []
         ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
         if ready:
@@ -250,22 +307,50 @@ class RayEngine:
             if ref in self.starting:
                 self._started(ref)
                 continue
+            if ref in self.recovering:
+                self._recovered(ref)
+                continue
             actor, job = self.calls.pop(ref)
             try:
                 out.append((ref, ray.get(ref)))
                 self.idle.append(actor)
-            except ray.exceptions.RayActorError as exc:
-                died = isinstance(exc, ray.exceptions.ActorDiedError)  # after Ray's restarts and retries
-                if died:
-                    self._lose(actor, exc)
-                else:  # unreachable for now (restarting): the actor stays, the clip may be retried
-                    self.idle.append(actor)
-                out.append((ref, _failure(job, f"worker lost: {first_line(exc)}", exc, transient=not died)))
+            except ray.exceptions.RayActorError as exc:  # killed, restarting, or gone for good
+                self._probe(actor, time.monotonic())  # no clip for it until it answers again
+                out.append((ref, _failure(job, f"worker lost: {first_line(exc)}", exc, lost=True)))
             except ray.exceptions.RayTaskError as exc:
                 self.idle.append(actor)
                 out.append((ref, _failure(job, first_line(exc), exc)))
         self._check_schedule()
         return out
+
+    def _probe(self, actor: Any, since: float) -> None:
+        """Ask a suspect actor for its stats: it is handed clips again once that answers."""
+        self.recovering[actor.stats.remote()] = (actor, since)
+
+    def _probe_due(self) -> None:
+        now = time.monotonic()
+        due = [item for item in self.later if item[0] <= now]
+        self.later = [item for item in self.later if item[0] > now]
+        for _, actor, since in due:
+            self._probe(actor, since)
+
+    def _recovered(self, ref: Any) -> None:
+        ray = self.ray
+        actor, since = self.recovering.pop(ref)
+        try:
+            ray.get(ref)
+        except ray.exceptions.ActorDiedError as exc:  # Ray will not restart it (again)
+            self._lose(actor, exc)
+        except ray.exceptions.RayActorError as exc:  # still restarting
+            if time.monotonic() - since > self.timeout:
+                self._lose(actor, exc)
+            else:
+                self.later.append((time.monotonic() + PROBE_EVERY, actor, since))
+                self.later.sort(key=lambda item: item[0])
+        except ray.exceptions.RayError as exc:
+            self._lose(actor, exc)
+        else:
+            self.idle.append(actor)
 
     def _started(self, ref: Any) -> None:
         actor = self.starting.pop(ref)
@@ -307,7 +392,7 @@ class RayEngine:
             return notes
 
     def gone(self) -> str | None:
-        if self.idle or self.calls or self.starting:
+        if self.idle or self.calls or self.starting or self.recovering or self.later:
             return None
         last = self.dead[-1]["error"] if self.dead else "unknown"
         return f"no Ray worker left ({len(self.dead)} lost; last: {last})"
@@ -345,8 +430,10 @@ class RayEngine:
             self.ray.shutdown()
 
 
-def _failure(job: Job, error: str, exc: BaseException | None = None, transient: bool = True) -> dict[str, Any]:
-    """The result of a clip whose worker failed outside the clip's own code; `exc`'s text goes to its log."""
+def _failure(job: Job, error: str, exc: BaseException | None = None, lost: bool = False) -> dict[str, Any]:
+    """The result of a clip whose worker failed outside the clip's own code; `exc`'s text goes to its log.
+    `lost`: the worker itself died (killed, node gone), so the driver reruns the clip on a healthy one."""
     log = str(exc).strip().splitlines()[:20] if exc is not None else None
-    return clip_result(job, None, status="failed", error=error, transient=transient, seconds=None, log=log)
+    return clip_result(job, None, status="failed", error=error, transient=True, seconds=None, log=log,
+                       worker_lost=lost)
 

@@ -25,6 +25,8 @@ from stages.common.errors import Interrupted, UsageError, first_line
 from stages.common.progress import Progress
 from stages.io.storage import is_url
 
+LOST_WORKER_RERUNS = 2  # a clip whose worker died is rerun this often on a healthy one, besides --retry
+
 
 @dataclass
 class BatchOptions:
@@ -126,6 +128,11 @@ def _drive(engine: Engine, jobs: list[Job], retry: int, progress: Progress, show
                 running[engine.submit(job)] = job
             for handle, res in engine.wait(list(running), 0.5):
                 job = running.pop(handle)
+                if res["status"] == "failed" and res.get("worker_lost") and job.lost < LOST_WORKER_RERUNS:
+                    job.lost += 1  # the clip did nothing wrong: rerun it on a healthy worker, whatever --retry
+                    progress.log(f"{job.plan.name}: {res['error']}; rerun on a healthy worker")
+                    pending.append(job)
+                    continue
                 if res["status"] == "failed" and res.get("transient") and job.attempt < retry:
                     job.attempt += 1
                     progress.log(f"{job.plan.name}: {res['error']}; retry {job.attempt}/{retry}")

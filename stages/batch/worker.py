@@ -19,7 +19,7 @@ from typing import Any
 
 from stages.batch.manifest import ClipPlan
 from stages.batch.resume import invert_action
-from stages.common.errors import InputError, Interrupted, VdError, first_line
+from stages.common.errors import InputError, Interrupted, Transient, VdError, first_line
 from stages.common.progress import Progress
 
 STAGES = ("mask", "invert", "edit", "eval")
@@ -35,7 +35,8 @@ class Job:
     target: str
     only: list[str]
     scratch: str | None
-    attempt: int = 0
+    attempt: int = 0  # retries after a transient failure (--retry)
+    lost: int = 0  # reruns after its worker was lost (automatic, not counted against --retry)
 
 
 def clip_result(job: Job, worker: int | None, **fields: Any) -> dict[str, Any]:
@@ -43,7 +44,7 @@ def clip_result(job: Job, worker: int | None, **fields: Any) -> dict[str, Any]:
     plan = job.plan
     result: dict[str, Any] = {
         "index": plan.index, "name": plan.name, "clip": plan.clip, "workspace": job.target,
-        "worker": worker, "attempt": job.attempt, "status": "running", "error": None, "stage": None,
+        "worker": worker, "attempt": job.attempt, "lost_workers": job.lost, "status": "running", "error": None, "stage": None,
         "transient": False, "stages": {}, "run": [], "skipped": [], "metrics": None, "model_loads": 0,
         "pid": None, "seconds": None, "log": None}
     result.update(fields)
@@ -195,7 +196,8 @@ class Worker:
         stage: str | None = "sync"
         with ClipLog(f"[worker {self.index}] {plan.name}", self.verbose) as log:
             try:
-                with Storage(job.target, job.scratch) as storage:
+                # a lease left by a dead node (no heartbeat for its TTL) is waited out, then taken over
+                with Storage(job.target, job.scratch, wait_dead=True) as storage:
                     storage.pull()
                     for stage in STAGES:
                         if stage not in job.only:
@@ -206,7 +208,7 @@ class Worker:
                         t0 = time.perf_counter()
                         status, info = getattr(self, f"_{stage}")(plan, storage.local, job, log)
                         seconds = round(time.perf_counter() - t0, 3)
-                        storage.push(stage)
+                        storage.push(stage, ran=status == "run")
                         if stage == "eval":
                             result["metrics"] = info.pop("metrics", None)
                         result["stages"][stage] = {"status": status, "seconds": seconds, **info}
@@ -221,7 +223,9 @@ class Worker:
             except (Interrupted, KeyboardInterrupt):
                 raise
             except VdError as exc:  # incl. OutOfMemory (exit 5): permanent, its line carries the hint
-                result.update(status="failed", error=first_line(exc), stage=stage)
+                # Transient (a lease held by a live writer, a damaged scratch copy): --retry retries it
+                result.update(status="failed", error=first_line(exc), stage=stage,
+                              transient=isinstance(exc, Transient))
             except Exception as exc:  # unexpected: may be transient (I/O, a lost node): --retry
                 error, transient = _unexpected(exc, stage)
                 log.lines.extend(traceback.format_exc().rstrip().splitlines()[-12:])
@@ -263,6 +267,9 @@ class Worker:
         if action == "skip":
             return "skipped", {"recon_psnr": (ws.group_attrs("inversion").get("recon") or {}).get("psnr")}
         cfg.restart = action == "restart"
+        if action == "update":  # labels only (the subject): no model needed
+            result = run_invert(ws, cfg, log)
+            return "run", {"why": why, "recon_psnr": (result.get("recon") or {}).get("psnr")}
         models = self.models_for(cfg.model, cfg.dtype, cfg.per_frame_groupnorm)
         try:
             result = run_invert(ws, cfg, log, models=models)

@@ -36,6 +36,14 @@ class OutOfMemory(VdError):
     exit_code = 5
 
 
+class Transient(VdError):
+    """A condition that passes by itself: another writer holds a remote workspace's lease, a damaged scratch
+    copy must be pulled again. Nothing is wrong with the input; `vd batch --retry` retries it, and rerunning
+    the same command resumes."""
+
+    exit_code = 1
+
+
 class Interrupted(VdError):
     """Ctrl-C: finished work is saved and the stage can resume."""
 

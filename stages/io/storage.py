@@ -11,6 +11,13 @@ after the pointer moves. A push that fails leaves the pointer (and the local cop
 retry pulls nothing and pushes again. One writer at a time holds the lease `.vd-lease.json` (see
 storage_lease). Credentials and endpoints come from the environment / standard config of the
 filesystem (e.g. AWS_* variables, AWS_ENDPOINT_URL) only.
+
+The scratch copy is not trusted blindly (a temp-folder cleaner may thin it out after a crash): a pull keeps
+it only when every file of the listing saved at the last sync is still there (with its size, unless the
+stage rewrote it since), else it downloads the remote generation again. A push publishes the deletion of a
+file the previous generation had only when the stage that ran could have deleted it (its own workspace
+parts and those of later stages); any other missing file means a damaged copy: nothing is pushed, the
+copy is pulled again on the retry (ScratchDamaged, transient).
 """
 
 from __future__ import annotations
@@ -26,19 +33,20 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from stages.common.errors import InputError
+from stages.common.errors import InputError, Transient
 from stages.io import storage_remote as R
+from stages.io.storage_clip import ClipCopy, fetch_clip, fetch_clip_info
 from stages.io.storage_lease import LEASE, LEASE_S, Lease, LeaseHeld
+from stages.io.storage_remote import default_scratch, is_url
 
-__all__ = ["MARKER", "PREVIOUS", "LEASE", "Storage", "LeaseHeld", "is_url", "default_scratch",
-           "workspace_target", "fetch_clip", "copy_out"]
+__all__ = ["MARKER", "PREVIOUS", "LEASE", "Storage", "LeaseHeld", "ScratchDamaged", "ClipCopy", "is_url",
+           "default_scratch", "workspace_target", "fetch_clip", "fetch_clip_info", "copy_out"]
 
 log = logging.getLogger("vd.storage")
 
 
-def is_url(text: str) -> bool:
-    """True for fsspec URLs such as s3://bucket/key or file:///path (not for plain paths)."""
-    return "://" in str(text)
+class ScratchDamaged(Transient):
+    """Files of the scratch copy vanished that no stage deleted: nothing pushed, pull again."""
 
 
 MARKER = ".vd-sync.json"  # the sync pointer
@@ -50,13 +58,7 @@ SKIP_FILES = {".vd.lock", MARKER}
 STAGE_PARTS = {"mask": ("zarr.json", "video", "masks"), "invert": ("inversion",), "edit": ("edits",),
                "eval": ("eval",)}
 ORDER = ("mask", "invert", "edit", "eval")
-
-
-def default_scratch() -> Path:
-    """Local scratch root for remote workspaces (per user, in the temp folder)."""
-    import getpass
-
-    return Path(tempfile.gettempdir()) / f"vd-batch-{getpass.getuser()}"
+KNOWN_PARTS = {part for parts in STAGE_PARTS.values() for part in parts}
 
 
 def workspace_target(out: str, name: str) -> str:
@@ -64,17 +66,37 @@ def workspace_target(out: str, name: str) -> str:
     return f"{out.rstrip('/')}/{name}.vd" if is_url(out) else str(Path(out) / f"{name}.vd")
 
 
-def _filesystem(url: str) -> tuple[Any, str]:
-    from fsspec.core import url_to_fs
-
-    # no cached instance: endpoints and credentials are read from the environment each time
-    return url_to_fs(url, skip_instance_cache=True)
-
-
 def _parts_from(stage: str) -> set[str]:
     """Workspace parts written by `stage` and the stages after it (stale when `stage` is redone)."""
     start = ORDER.index(stage) if stage in ORDER else 0
     return {part for later in ORDER[start:] for part in STAGE_PARTS[later]}
+
+
+def _deletable(rel: str, stage: str, ran: bool) -> bool:
+    """Could `stage` have deleted the workspace file `rel`? Only when it ran, and only in its own parts or
+    those of later stages (which a redone stage makes stale); files of no stage's part go with any."""
+    part = rel.split("/")[0]
+    return ran and (part not in KNOWN_PARTS or part in _parts_from(stage))
+
+
+def _missing(root: Path, listing: dict[str, Any]) -> list[str]:
+    """Files of a sync-time `listing` ({rel: [size, mtime_ns]}) that are gone from `root`, or changed size
+    without being rewritten (same mtime)."""
+    out = []
+    for rel, meta in listing.items():
+        try:
+            stat = (root / rel).stat()
+        except OSError:
+            out.append(rel)
+            continue
+        try:
+            size, mtime = int(meta[0]), int(meta[1])
+        except (TypeError, ValueError, IndexError):
+            out.append(rel)  # a listing we cannot read proves nothing: pull again
+            continue
+        if stat.st_size != size and stat.st_mtime_ns == mtime:
+            out.append(rel)
+    return sorted(out)
 
 
 def _listing(root: Path) -> dict[str, list[int]]:
@@ -123,14 +145,15 @@ class Storage:
     (or until the object is dropped); use `with Storage(...) as s:` to give it back on every path."""
 
     def __init__(self, target: str, scratch: str | Path | None = None, owner: str | None = None,
-                 lease_s: float = LEASE_S):
+                 lease_s: float = LEASE_S, wait_dead: bool = False):
         self.target = target
         self.remote = is_url(target)
         self.lease: Lease | None = None
+        self.wait_dead = wait_dead  # pull: wait (up to its TTL) for a lease holder that stopped renewing
         if not self.remote:
             self.local = Path(target)
             return
-        self.fs, self.root = _filesystem(target)
+        self.fs, self.root = R.filesystem(target)
         self.root = self.root.rstrip("/")
         key = uuid.uuid5(uuid.NAMESPACE_URL, target).hex[:12]
         base = Path(scratch) if scratch else default_scratch()
@@ -198,7 +221,7 @@ class Storage:
         if not self.remote:
             return self.local.is_dir()
         if lease and self.lease is not None:
-            self.lease.acquire()
+            self.lease.acquire(wait=self.wait_dead)
         for _ in range(3):
             self.fs.invalidate_cache()  # another node may have written since this process last listed
             pointer = self._pointer()
@@ -207,7 +230,11 @@ class Storage:
             state = self._synced_state(pointer)
             if pointer["generation"] is not None and state.get("generation") == pointer["generation"] \
                     and self.local.is_dir():
-                return True
+                missing = _missing(self.local, state.get("files") or {})
+                if not missing:
+                    return True
+                log.warning("%s: the scratch copy lost %d file(s) (%s%s); downloading it again", self.target,
+                            len(missing), missing[0], ", ..." if len(missing) > 1 else "")
             try:
                 self._download(pointer, self.local)
             except FileNotFoundError as exc:
@@ -233,10 +260,12 @@ class Storage:
         if files:  # one batched call: fsspec fetches concurrently on object stores
             self.fs.get([self._remote(rel, gen) for rel, (_, gen) in files.items()], lpaths)
 
-    def push(self, stage: str) -> int:
-        """Upload what changed since the last sync (after `stage` completed) as a new generation and move
-        the pointer to it; returns the files uploaded. On failure the remote still shows the previous
-        generation and the local copy is untouched, so calling push again (or pull, then push) resumes."""
+    def push(self, stage: str, ran: bool = True) -> int:
+        """Upload what changed since the last sync (after `stage` completed; `ran`: it ran rather than being
+        skipped as current) as a new generation and move the pointer to it; returns the files uploaded. On
+        failure the remote still shows the previous generation and the local copy is untouched, so calling
+        push again (or pull, then push) resumes. ScratchDamaged when files vanished that the stage could
+        not have deleted: nothing is pushed and the next pull downloads the remote copy again."""
         if not self.remote:
             return 0
         assert self.lease is not None
@@ -249,6 +278,12 @@ class Storage:
                              "(another writer?); run again to continue from the remote copy")
         there = pointer["files"] if pointer else {}
         before, now = state.get("files", {}), _listing(self.local)
+        lost = sorted(rel for rel in there if rel not in now and not _deletable(rel, stage, ran))
+        if lost:
+            self._save_state({})  # the copy cannot be trusted: the next pull downloads the remote one
+            raise ScratchDamaged(f"the scratch copy of {self.target} lost {len(lost)} file(s) the {stage} stage "
+                                 f"did not delete ({lost[0]}{', ...' if len(lost) > 1 else ''}; a temp-folder "
+                                 "cleaner?); nothing was pushed, the next attempt downloads the remote copy again")
         changed = sorted(rel for rel, meta in now.items() if rel not in there or before.get(rel) != meta)
         if not changed and set(now) == set(there):
             return 0
@@ -324,25 +359,6 @@ def copy_out(url: str, dest: str | Path) -> Path:
         raise InputError(f"no vd workspace at {url}")
     storage._download(pointer, dest)
     return dest
-
-
-def fetch_clip(clip: str, scratch: str | Path | None = None) -> str:
-    """A local path for `clip`: the path itself, or a cached download of a URL."""
-    if not is_url(clip):
-        return clip
-    fs, path = _filesystem(clip)
-    base = Path(scratch) if scratch else default_scratch()
-    dest = base / "clips" / uuid.uuid5(uuid.NAMESPACE_URL, clip).hex[:12] / Path(path).name
-    try:
-        size = fs.size(path)
-    except FileNotFoundError:
-        raise InputError(f"clip {clip} not found") from None
-    if not (dest.is_file() and dest.stat().st_size == size):
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        part = dest.with_name(dest.name + ".part")
-        fs.get_file(path, str(part))
-        part.replace(dest)
-    return str(dest)
 
 
 if __name__ == "__main__":  # python -m stages.io.storage s3://bucket/runs/a.vd a.vd

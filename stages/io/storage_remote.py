@@ -1,4 +1,6 @@
-"""Small JSON objects next to a remote workspace (sync pointer, lease), written whole or not at all.
+"""Small JSON objects next to a remote workspace (sync pointer, lease), written whole or not at all, and
+the store's own clock (`storage_now`, `modified`): times that are compared across machines always come
+from the store, never from a writer's wall clock.
 
 On a folder filesystem (file://) an object is written to a temporary name and renamed into place, so a
 reader sees the old or the new content, never a torn one. On S3 a PUT is already all-or-nothing, and
@@ -11,8 +13,33 @@ from __future__ import annotations
 import errno
 import json
 import os
+import tempfile
 import uuid
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
+
+MTIME_KEYS = ("LastModified", "mtime", "last_modified", "updated")  # s3 / file / azure / gcs
+
+
+def is_url(text: str) -> bool:
+    """True for fsspec URLs such as s3://bucket/key or file:///path (not for plain paths)."""
+    return "://" in str(text)
+
+
+def default_scratch() -> Path:
+    """Local scratch root for remote workspaces and clips (per user, in the temp folder)."""
+    import getpass
+
+    return Path(tempfile.gettempdir()) / f"vd-batch-{getpass.getuser()}"
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path) of `url`; endpoints and credentials are read from the environment each time
+    (no cached instance)."""
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(url, skip_instance_cache=True)
 
 
 class Torn(ValueError):
@@ -33,6 +60,11 @@ def read_json(fs: Any, path: str) -> dict[str, Any] | None:
         data = fs.cat_file(path)
     except FileNotFoundError:
         return None
+    return parse_json(data, path)
+
+
+def parse_json(data: bytes, path: str = "") -> dict[str, Any]:
+    """`data` as a JSON object; Torn when it is not one."""
     try:
         value = json.loads(data.decode())
     except (UnicodeDecodeError, ValueError):
@@ -49,6 +81,58 @@ def etag(fs: Any, path: str) -> str | None:
         return fs.info(path).get("ETag")
     except FileNotFoundError:
         return None
+
+
+def info(fs: Any, path: str) -> dict[str, Any] | None:
+    """The store's fresh metadata of `path` (no cached listing), None when absent."""
+    fs.invalidate_cache(path)
+    try:
+        return fs.info(path)
+    except FileNotFoundError:
+        return None
+
+
+def _seconds(value: Any) -> float | None:
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return _seconds(datetime.fromisoformat(value.replace("Z", "+00:00")))
+        except ValueError:
+            return None
+    return None
+
+
+def modified(meta: dict[str, Any] | None) -> float | None:
+    """When the store last wrote an object (POSIX seconds on the STORE's clock), from its `info`."""
+    for key in MTIME_KEYS:
+        got = _seconds((meta or {}).get(key))
+        if got is not None:
+            return got
+    return None
+
+
+def resolution(fs: Any) -> float:
+    """How coarse the store's modification times are (S3 reports whole seconds)."""
+    return 0.0 if backend(fs) == "local" else 1.0
+
+
+def storage_now(fs: Any, path: str) -> float:
+    """The store's clock now: (re)write the empty object `path` and read back when the store wrote it."""
+    if backend(fs) == "local":
+        local = fs._strip_protocol(path)
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        with open(local, "ab"):
+            pass
+        os.utime(local, None)  # the file system's clock (an NFS server's, on NFS)
+        return os.stat(local).st_mtime
+    fs.pipe_file(path, b"")
+    got = modified(info(fs, path))
+    if got is None:
+        raise OSError(f"{path}: the store reports no modification time, so leases cannot be timed")
+    return got
 
 
 def write_json(fs: Any, path: str, value: dict[str, Any], create: bool = False,

@@ -1,7 +1,7 @@
 """Out of memory is an answer: device memory, the stage's predicted need, and one OutOfMemory line (exit 5).
 
-A CUDA out-of-memory (torch.OutOfMemoryError, or a RuntimeError saying "out of memory") and a CPU
-allocator failure become stages.common.errors.OutOfMemory in one place, `answer_oom`, which the stage
+A CUDA out-of-memory (torch.OutOfMemoryError, or a RuntimeError saying "out of memory"), a CPU
+allocator failure (torch's "can't allocate memory", numpy's and Python's MemoryError) become stages.common.errors.OutOfMemory in one place, `answer_oom`, which the stage
 runners use (so `vd batch` receives OutOfMemory unchanged and does not retry it) and vdcli.common.run
 falls back on for any stage. The message names the predicted need (stages.models.memory), the device's
 memory, and what reduces the need: --checkpointing blocks, --window 8, a smaller `vd mask --size`.
@@ -64,6 +64,8 @@ def is_oom(exc: BaseException) -> bool:
     """Whether `exc` is the device (or the CPU allocator) running out of memory."""
     import sys
 
+    if isinstance(exc, MemoryError):  # numpy's "Unable to allocate ..." and Python's own
+        return True
     torch = sys.modules.get("torch")  # an OOM can only come from torch once it is imported
     if torch is not None:
         kinds = tuple(k for k in (getattr(torch, "OutOfMemoryError", None),
