@@ -1,4 +1,5 @@
-"""Stage `vd info`: what each stage left in a workspace, read defensively (any subset of stages)."""
+"""Stage `vd info`: what each stage left in a workspace, read defensively (any subset of stages), and which
+results are stale: made from inputs that changed since (notes/readme-freshness.md; each stage's own rule)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ def run_info(path: str | Path) -> dict[str, Any]:
     ws = Workspace.open(path)
     attrs = ws.attrs
     source = attrs.get("source") or {}
+    stale = staleness(ws)
     result: dict[str, Any] = {
         "workspace": str(ws.path.resolve()),
         "schema": attrs.get("schema"),
@@ -32,6 +34,7 @@ def run_info(path: str | Path) -> dict[str, Any]:
         "edits": _edits(ws),
         "eval": _eval(ws),
     }
+    _mark_stale(result, stale)
     sizes = {name: ws.size_bytes(name) for name in STAGE_DIRS if (ws.path / name).exists()}
     sizes["total"] = ws.size_bytes()
     result["sizes"] = sizes
@@ -157,6 +160,74 @@ def _eval(ws: Workspace) -> list[dict[str, Any]] | None:
             for child in sorted(p for p in root.iterdir() if (p / "zarr.json").is_file())]
 
 
+def staleness(ws: Workspace) -> dict[str, tuple[str, str]]:
+    """{"inversion" | "edits/<name>" | "eval/<name>": (why, fix)} of every stored result whose inputs changed
+    since it was made, by each stage's own rule. A part that cannot be read is left to --check."""
+    from stages.edit.fresh import stale_fix, stale_reason
+    from stages.evaluate.inputs import edit_names
+    from stages.invert.store import inputs_changed, stale_fix as invert_fix
+    from stages.io.reads import Reads
+
+    reads, found = Reads(ws), {}
+    try:
+        inv = ws.group_attrs("inversion")
+        why = inputs_changed(ws, inv, reads) if inv.get("settings") and inv.get("status") == "done" else ""
+        if why:
+            found["inversion"] = (why, invert_fix(ws))
+        for name in edit_names(ws):
+            if ws.group_attrs(f"edits/{name}").get("status") == "done":
+                why = stale_reason(ws, name, reads, inv)
+                if why:
+                    found[f"edits/{name}"] = (why, stale_fix(ws, name))
+        found.update(_stale_scores(ws, found))
+    except Exception:  # a damaged part must not hide the rest (--check names it)
+        pass
+    return found
+
+
+def _stale_scores(ws: Workspace, stale: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    """Stored scores (eval/<name>) of an item that is stale, or whose frames, masks or prompt changed."""
+    from stages.evaluate import RECON
+    from stages.evaluate.fresh import item_fingerprint
+    from stages.evaluate.inputs import SourceClip
+
+    root = ws.path / "eval"
+    names = sorted(p.name for p in root.iterdir() if (p / "zarr.json").is_file()) if root.is_dir() else []
+    names = [n for n in names if (ws.group_attrs(f"eval/{n}").get("settings") or {}).get("fingerprint")]
+    if not names:
+        return {}
+    clip, found = SourceClip(ws), {}
+    for name in names:
+        item = "inversion" if name == RECON else f"edits/{name}"
+        fix = f"rerun `vd eval {ws.path}`"
+        if item in stale:
+            found[f"eval/{name}"] = (f"it scored a stale {'inversion' if name == RECON else 'edit'}",
+                                     f"{stale[item][1]}, then {fix}")
+            continue
+        frames = "inversion/reconstruction" if name == RECON else f"edits/{name}/frames"
+        if not ws.has(frames):
+            found[f"eval/{name}"] = ("what it scored is gone", fix)
+            continue
+        attrs = {} if name == RECON else ws.group_attrs(f"edits/{name}")
+        scored = ws.group_attrs(f"eval/{name}")["settings"]["fingerprint"]
+        if item_fingerprint(clip, clip.frames(name), attrs) != scored:
+            found[f"eval/{name}"] = ("the frames, masks or prompt it scored changed", fix)
+    return found
+
+
+def _mark_stale(result: dict[str, Any], stale: dict[str, tuple[str, str]]) -> None:
+    """Add `stale` (why) to the inversion, edit and eval entries of run_info's result."""
+    inv = result.get("inversion")
+    if isinstance(inv, dict) and "inversion" in stale:
+        inv["stale"] = stale["inversion"][0]
+    for kind in ("edits", "eval"):
+        entries = result.get(kind)
+        for entry in entries if isinstance(entries, list) else []:
+            why = stale.get(f"{kind}/{entry.get('name')}")
+            if why:
+                entry["stale"] = why[0]
+
+
 def _writer(ws: Workspace, name: str) -> str | None:
     """Who is writing stage `name` right now (a live lock holder), for `vd info`."""
     from stages.io import locks as stagelock
@@ -232,14 +303,17 @@ def format_info(info: dict[str, Any]) -> list[str]:
             steps += f" (being written by {inv['writer']})"
         recon = inv.get("recon") if isinstance(inv.get("recon"), dict) else {}
         psnr = f", reconstruction PSNR {_num(recon['psnr'])} dB" if isinstance(recon.get("psnr"), float) else ""
-        lines.append(f"inversion  {inv.get('status', '?')}, {steps}, method {inv.get('method', '?')}, "
+        stale = f", STALE ({inv['stale']})" if inv.get("stale") else ""
+        lines.append(f"inversion  {inv.get('status', '?')}{stale}, {steps}, method {inv.get('method', '?')}, "
                      f"model {inv.get('model', '?')}, "
                      f"prompt {inv.get('prompt')!r}{psnr}")
     edits = info.get("edits")
     if isinstance(edits, list) and edits:
         for edit in edits:
             busy = f" (being written by {edit['writer']})" if edit.get("writer") else ""
-            lines.append(f"edit       {edit.get('name')}: {edit.get('status', '?')}{busy}, prompt {edit.get('prompt')!r}")
+            stale = f", STALE ({edit['stale']})" if edit.get("stale") else ""
+            lines.append(f"edit       {edit.get('name')}: {edit.get('status', '?')}{busy}{stale}, "
+                         f"prompt {edit.get('prompt')!r}")
     elif isinstance(edits, dict):
         lines.append(f"edits      unreadable: {edits.get('error')}")
     evals = info.get("eval")
@@ -249,7 +323,8 @@ def format_info(info: dict[str, Any]) -> list[str]:
             # metrics without weights are stored as {"available": false, ...}: list only the numbers here
             numbers = {k: v for k, v in metrics.items() if not isinstance(v, dict)} if isinstance(metrics, dict) else {}
             shown = ", ".join(f"{k} {_num(v)}" for k, v in list(numbers.items())[:6]) if numbers else metrics
-            lines.append(f"eval       {entry.get('name')}: {shown}")
+            stale = f" (STALE: {entry['stale']})" if entry.get("stale") else ""
+            lines.append(f"eval       {entry.get('name')}: {shown}{stale}")
     sizes = info.get("sizes") or {}
     lines.append("disk       " + ", ".join(f"{k} {human_size(v)}" for k, v in sizes.items()))
     return lines
@@ -324,8 +399,11 @@ def check_workspace(path: str | Path) -> dict[str, Any]:
         elif frames and f"{base}/frames" in shapes and shapes[f"{base}/frames"] != frames:
             problem(f"{base}/frames", f"shape {list(shapes[f'{base}/frames'])} does not match the frames "
                                       f"{list(frames)}")
+    busy = {n.split(":")[0] for n in notes if "being written" in n}
+    stale = [{"name": name, "why": why, "fix": fix} for name, (why, fix) in staleness(ws).items()
+             if name not in busy and not any(p["name"].startswith(name) for p in problems)]
     return {"workspace": str(ws.path.resolve()), "ok": not problems, "arrays": len(arrays),
-            "problems": problems, "notes": notes}
+            "problems": problems, "notes": notes, "stale": stale}
 
 
 def _check_inversion(ws: Workspace, shapes: dict[str, tuple[int, ...]], frames: tuple[int, ...] | None,
@@ -384,10 +462,14 @@ def _slash_chunk_keys(ws: Workspace, name: str) -> bool:
 
 def format_check(check: dict[str, Any]) -> list[str]:
     """Human-readable lines for `vd info --check`."""
+    stale = check.get("stale") or []
     lines = [f"check      {'ok' if check['ok'] else 'DAMAGED'}: {check['arrays']} arrays decoded"
-             + (f", {len(check['problems'])} problem(s)" if check["problems"] else "")]
+             + (f", {len(check['problems'])} problem(s)" if check["problems"] else "")
+             + (f", {len(stale)} stale result(s) (made from inputs that changed since)" if stale else "")]
     for item in check["problems"]:
         lines.append(f"  damaged  {item['name']}: {item['problem']}; fix: {item['fix']}")
+    for item in stale:
+        lines.append(f"  stale    {item['name']}: {item['why']}; fix: {item['fix']}")
     for note in check["notes"]:
         lines.append(f"  note     {note}")
     return lines

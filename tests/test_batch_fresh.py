@@ -1,6 +1,8 @@
 """`vd batch` after a manifest change redoes exactly the stages the change affects, using each stage's own
 `is_current`, and says why: a rerun of an unchanged manifest loads no model; new frames -> mask and all
-after (no --force needed); new model content -> inversion and edits; a new edit prompt -> that edit.
+after (no --force needed); new model content -> inversion and edits; a new edit prompt -> that edit; a new
+box with STDG off -> mask and edits (the inversion read no mask); a new subject -> stored on the inversion,
+and the edits whose prompt replaced it.
 Tiny model saved as a diffusers folder (so it has content), 8-frame clip, 64 px, local engine."""
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -22,20 +25,22 @@ defaults:
   frames: {frames}
   size: 64
   invert: {{steps: 2, null_steps: 1}}
-  box: [16, 16, 48, 48]
+  box: {box}
   box_only: true
   prompt: "a red disc on a grey textured background"
-  subject: "red disc"
-  edits: ["blue cube", {{prompt: "{green}", name: green}}]
+  subject: "{subject}"
+{extra}  edits: ["blue cube", {{prompt: "{green}", name: green}}]
   eval: {{metrics: [psnr]}}
 clips:
   - clip: a.mp4
 """
 
 
-def write_manifest(folder: Path, frames: int = 4, green: str = "green ball") -> Path:
+def write_manifest(folder: Path, frames: int = 4, green: str = "green ball", subject: str = "red disc",
+                   box: tuple[int, ...] = (16, 16, 48, 48), no_stdg: bool = False) -> Path:
     path = folder / "m.yaml"
-    path.write_text(MANIFEST.format(model=folder / "model", frames=frames, green=green))
+    path.write_text(MANIFEST.format(model=folder / "model", frames=frames, green=green, subject=subject,
+                                    box=list(box), extra="  no_stdg: true\n" if no_stdg else ""))
     return path
 
 
@@ -129,7 +134,7 @@ def test_new_model_content_redoes_inversion_and_edits(env):
                                 "1", "-q"])
         assert r.exit_code == 0, r.output
         assert "a: invert ran: the model's content changed (sd15-animatediff-v2-" in r.stdout
-        assert "a: edit ran: edit 'blue-cube' was made from another inversion" in r.stdout
+        assert "a: edit ran: edit 'blue-cube' is stale: made from another inversion" in r.stdout
         rep = batch(write_manifest(base), out)  # then everything is current again
         assert rep["counts"]["stages_run"] == 0
     finally:
@@ -157,3 +162,38 @@ def test_old_workspace_without_recorded_settings_reruns_mask_not_for_good(env):
     rep = batch(write_manifest(base), out)
     st = stages_of(rep)
     assert rep["clips"][0]["run"] == ["mask"] and "older vd" in st["mask"]["why"]
+
+
+def test_changed_box_with_stdg_off_redoes_the_edits_not_the_inversion(env):
+    """STDG off: the inversion reads no mask, the edits do (SA-II): a new box redoes mask, edits and eval."""
+    base, out = env
+    first = batch(write_manifest(base, no_stdg=True), out)
+    assert "stdg" in stages_of(first)["invert"]["why"]
+    rep = batch(write_manifest(base, no_stdg=True, box=(8, 8, 40, 40)), out)
+    clip = rep["clips"][0]
+    assert clip["run"] == ["mask", "edit", "eval"] and clip["skipped"] == ["invert"], clip
+    st = stages_of(rep)
+    assert st["edit"]["edits_run"] == ["blue-cube", "green"] and "masks/edit" in st["edit"]["why"]
+    again = batch(write_manifest(base, no_stdg=True, box=(8, 8, 40, 40)), out)
+    assert again["counts"]["stages_run"] == 0
+
+
+def test_changed_subject_keeps_the_inversion_and_redoes_the_edits_that_replaced_it(env):
+    """`subject` is used only by the edits (a short prompt replaces it): the inversion is kept, its stored
+    subject updated without loading a model, and the edits whose resolved prompt changed are redone."""
+    from stages.io.workspace import Workspace
+
+    base, out = env
+    ws = Workspace.open(out / "a.vd")
+    latents, made = ws.read("inversion/latents"), ws.group_attrs("inversion")["config_hash"]
+    rep = batch(write_manifest(base, subject="disc"), out)
+    st = stages_of(rep)
+    assert st["invert"]["status"] == "run" and "subject" in st["invert"]["why"], st["invert"]
+    assert not st["invert"].get("restarted") and not st["invert"].get("resumed")
+    attrs = ws.group_attrs("inversion")
+    assert attrs["subject"] == "disc" and attrs["config_hash"] == made
+    assert np.array_equal(ws.read("inversion/latents"), latents)
+    assert st["edit"]["edits_run"] == ["blue-cube", "green"] and "subject" in st["edit"]["why"]
+    assert ws.group_attrs("edits/blue-cube")["resolved_prompt"] == "a red blue cube on a grey textured background"
+    again = batch(write_manifest(base, subject="disc"), out)
+    assert again["counts"]["stages_run"] == 0

@@ -62,7 +62,9 @@ def test_restart_discards_everything_the_old_inversion_stored(tmp_path, fake_une
     old = ws.read("inversion/recon_latents")
     r = vd(ws.path, "--prompt", PROMPT, *FAST, "--no-stdg", "--cfg", "3")  # refused without --restart
     assert r.exit_code == 3 and "--restart" in error_lines(r)[0] and "cfg 5.0 -> 3.0" in error_lines(r)[0]
-    r = vd(ws.path, "--prompt", PROMPT, *FAST, "--no-stdg", "--cfg", "3", "--restart", "--json")
+    # --restart keeps the stored settings that no flag overrides: --no-store-components turns that one off
+    r = vd(ws.path, "--prompt", PROMPT, *FAST, "--no-stdg", "--cfg", "3", "--restart", "--no-store-components",
+           "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["resumed_from"] == 0
     assert not ws.has("inversion/stdg/components")  # nothing of the old run survives

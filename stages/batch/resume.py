@@ -12,12 +12,14 @@ from stages.common.config import changed_settings
 
 def invert_action(ws: Any, cfg: Any, identity: str) -> tuple[str, str]:
     """What to do with the workspace's inversion for `cfg` and the current model `identity`: ("skip", ""),
-    ("new", why), ("resume", why: same settings, unfinished) or ("restart", why: other settings, other
+    ("new", why), ("update", why: complete, only its labels differ, e.g. the subject: run_invert stores them
+    without a model), ("resume", why: same settings, unfinished) or ("restart", why: other settings, other
     frames or masks, other model content)."""
     from stages.invert import GROUP, is_current, stored_settings
+    from stages.invert.store import only_relabels
     from stages.models.identity import is_legacy, legacy_message
 
-    fresh, why = is_current(ws, cfg)
+    fresh, why = is_current(ws, cfg, identity)
     stored = ws.group_attrs(GROUP).get("settings") or {}
     if not stored:
         return "new", why or "no inversion yet"
@@ -28,6 +30,8 @@ def invert_action(ws: Any, cfg: Any, identity: str) -> tuple[str, str]:
         return "restart", f"the model's content changed ({made_with} -> {identity})"
     if fresh:
         return "skip", ""
+    if only_relabels(ws, cfg, identity):
+        return "update", why
     if not ws.has("video/frames"):
         return "new", why
     frames = ws.read("video/frames")

@@ -62,8 +62,8 @@ class EditConfig:
     blend_blocks: list[str] = field(default_factory=lambda: list(BLEND_BLOCKS))
     regions: dict[str, str] = field(default_factory=dict)  # object name -> target phrase (notes/readme-regions.md)
     objects: dict[str, str] = field(default_factory=dict)  # object name -> source phrase (overrides vd mask's)
-    layout_steps: float = LAYOUT_STEPS  # region layout bias for steps < int(S layout_steps)
-    layout_strength: float = LAYOUT_STRENGTH  # lambda of the layout bias
+    layout_steps: float = LAYOUT_STEPS  # regions: VideoGrain's layout modulation for steps < int(S layout_steps)
+    layout_strength: float = LAYOUT_STRENGTH  # multiplier of its lambdas (1.0 cross, 0.3 self)
     region_blend: bool = True  # regions: local blend per edited object from its own phrase
     first_frame: str | None = None  # edited first frame (image path): SparseCtrl RGB on the target branch
     first_frame_scale: float = 1.0  # SparseCtrl conditioning scale S
@@ -103,6 +103,11 @@ def load_inversion_for_edit(ws: Workspace) -> Inversion:
     from stages.edit.offsets import check_offsets
 
     check_offsets(inv, ws.path)  # a direct inversion's offsets
+    from stages.invert.store import inputs_changed, stale_fix
+
+    why = inputs_changed(ws, inv.attrs)  # frames or masks it read replaced since (`vd mask` rerun)
+    if why:
+        raise InputError(f"the inversion in {ws.path} is stale: {why}; {stale_fix(ws)}")
     return inv
 
 
@@ -188,6 +193,24 @@ def plan_edit(ws: Workspace, inv: Inversion, cfg: EditConfig) -> EditJob:
 
     first = plan_first_frame(ws, cfg)  # reads and maps the image (exit 3 when it cannot be used)
     return EditJob(cfg, name, target, mode, changed + reweighted, regions, first)
+
+
+# ----------------------------------------------------------------------------------------- what it read
+def edit_reads(job: EditJob) -> list[str]:
+    """The workspace arrays an edit reads besides the inversion (stages.edit.sampling, regions, outputs)."""
+    if job.regions is not None:
+        return ["video/frames", *object_arrays(job.regions.names)]
+    return ["video/frames", "masks/edit"] if job.cfg.sa2 else ["video/frames"]
+
+
+def read_record(ws: Workspace, inv: Inversion, job: EditJob) -> dict[str, Any]:
+    """The edit attrs that say what it read (what stages.edit.fresh compares): the inversion's identity,
+    the digests of the arrays it reads, and the subject its prompt replaced (None when it replaced none)."""
+    from stages.invert.store import inversion_id
+    from stages.io.reads import Reads
+
+    return {"inversion": inversion_id(inv.attrs), "reads": Reads(ws).of(edit_reads(job)),
+            "subject": inv.subject if job.mode == "phrase" else None}
 
 
 # ----------------------------------------------------------------------------------------- outputs
@@ -323,7 +346,7 @@ def _run_job(ws: Workspace, inv: Inversion, models: Any, job: EditJob, progress:
     ws.update_attrs(base, prompt=job.cfg.prompt, resolved_prompt=job.target, source_prompt=inv.prompt,
                     mode=job.mode, words=job.words, params=params, status="running",
                     model={"spec": models.spec, "fingerprint": models.fingerprint},
-                    inversion=inv.attrs.get("config_hash"))  # what stages.edit.fresh compares
+                    **read_record(ws, inv, job))  # what it read: what stages.edit.fresh compares
     if job.first_frame is not None:  # a copy of the image, its digests and settings in the edit's folder
         from stages.edit.first_frame import record
 
@@ -342,7 +365,8 @@ def _run_job(ws: Workspace, inv: Inversion, models: Any, job: EditJob, progress:
                     status="done")
     return {"name": job.name, "prompt": job.cfg.prompt, "resolved_prompt": job.target, "mode": job.mode,
             "words": job.words, "outputs": outputs, "timings": timings, "unet_calls": stats["unet_calls"],
-            "cross_mode": stats["cross_mode"], "frames": list(frames.shape)}
+            "cross_mode": stats["cross_mode"], "frames": list(frames.shape),
+            **({"first_frame": stats["first_frame"]} if "first_frame" in stats else {})}
 
 
 def run_edit(ws: Workspace, cfg: EditConfig, progress: Progress | None = None, models: Any = None) -> dict[str, Any]:

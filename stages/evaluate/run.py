@@ -17,7 +17,7 @@ from stages.common.jsonsafe import json_safe
 from stages.common.progress import Progress
 from stages.evaluate.config import (GROUPS, RECON, EvalConfig, clip_mean, metric_of, parse_metrics,
                                     unavailable)
-from stages.evaluate.fresh import item_settings, stored_fresh
+from stages.evaluate.fresh import item_settings, refuse_stale, stored_fresh
 from stages.evaluate.inputs import SourceClip, select_items, target_prompt
 from stages.evaluate.plots import write_plots
 from stages.evaluate.scorers import Scorers
@@ -115,6 +115,7 @@ def run_eval(workspace: Workspace | str | Path, config: EvalConfig, progress: Pr
     ws = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
     metrics = parse_metrics(config.metrics)
     targets, skipped = select_items(ws, config, metrics)
+    refuse_stale(ws, targets)  # stale work is never scored (stages.evaluate.fresh)
     scorers = scorers or Scorers(config)
     clip = SourceClip(ws)
     items: dict[str, Any] = {}

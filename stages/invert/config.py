@@ -71,15 +71,19 @@ class InvertConfig:
 
 
 def resolve_config(ws: Workspace, *layers: dict[str, Any] | None) -> InvertConfig:
-    """InvertConfig from the stored inversion's settings (unless restart), then `layers` (preset, flags).
+    """InvertConfig from the stored inversion's settings, then `layers` (preset, flags).
 
     Rerunning with fewer flags therefore resumes with the stored settings; a flag that differs from them
-    is refused later by run_invert (unless restart).
+    is refused later by run_invert, unless restart (which keeps every stored setting not overridden). A
+    stored subject that the prompt given instead no longer contains is dropped.
     """
-    restart = any((layer or {}).get("restart") for layer in layers)
-    stored = {} if restart else dict(ws.group_attrs(GROUP).get("config") or {})
+    stored = dict(ws.group_attrs(GROUP).get("config") or {})
     base = Layer({k: v for k, v in stored.items() if k in CARRIED}, f"stored settings of {ws.path}/{GROUP}")
-    return build_config(InvertConfig, base, *layers)
+    cfg = build_config(InvertConfig, base, *layers)
+    given = any("subject" in (layer or {}) and (layer or {})["subject"] is not None for layer in layers)
+    if not given and cfg.subject and cfg.subject.strip().lower() not in cfg.prompt.lower():
+        cfg.subject = None  # the subject belonged to the stored prompt, not to the one given now
+    return cfg
 
 
 def validate(cfg: InvertConfig) -> None:

@@ -33,7 +33,7 @@ from stages.invert.plan import oom_plan
 from stages.invert.report import _report
 from stages.invert.stdg import STDG
 from stages.invert.store import (_begin, _commit, _incomplete, _open_arrays, _refuse_changes, _require_inputs,
-                                 _summary_from_attrs, stored_settings)
+                                 _summary_from_attrs, model_identity, relabel, stored_settings)
 from stages.io import locks as stagelock
 from stages.io.workspace import Workspace
 from stages.method.windows import MAX_WINDOW
@@ -56,11 +56,13 @@ def run_invert(ws: Workspace, cfg: InvertConfig, progress: Progress, models: Any
     frames, mask = _require_inputs(ws, cfg)
     clip_windows(len(frames), cfg, MAX_WINDOW)  # window settings refused before anything is touched
     stagelock.hold(ws.path, GROUP, "vd invert", f"the inversion in {ws.path}")
-    settings = stored_settings(cfg, frames, mask)
     stored = ws.group_attrs(GROUP)
     resuming = bool(stored.get("settings")) and not cfg.restart
+    # the model by content, before anything is declared complete (found from its files when not loaded)
+    settings = stored_settings(cfg, frames, mask, model_identity(cfg, models) if resuming else None)
     if resuming:  # the rule is_current() reports
-        _refuse_changes(stored, settings, ws)
+        _refuse_changes(stored, settings, ws, cfg.model)
+        stored = relabel(ws, cfg, stored, progress)  # subject, model path: labels, nothing to recompute
         if not _incomplete(ws, cfg, stored):
             progress.log(f"inversion in {ws.path} is already complete")
             return _summary_from_attrs(ws)
@@ -79,7 +81,7 @@ def run_invert(ws: Workspace, cfg: InvertConfig, progress: Progress, models: Any
     timings["load_s"] = time.perf_counter() - t0
     settings.update(model_fingerprint=models.fingerprint, dtype=str(models.dtype).removeprefix("torch."))
     if resuming:
-        _refuse_changes(stored, settings, ws)
+        _refuse_changes(stored, settings, ws, cfg.model)
     else:
         ws.remove(GROUP)
     controller = install(models.unet, AttentionController())

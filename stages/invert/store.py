@@ -15,11 +15,18 @@ Workspace (see notes/interfaces.md; S steps, F frames):
   inversion/reconstruction     u8 (F, H, W, 3); reconstruction.mp4, preview.gif (source | reconstruction)
 Group attrs: status, model {spec, fingerprint}, prompt, negative_prompt, subject, region ("foreground" |
 "background"), method, stdg (coefficients), cfg, shared_null, schedule, timesteps, prev, edit_timesteps, edit_prev,
-config, settings, config_hash, and when done: recon metrics, timings, counts, summary.
+config, settings, config_hash, run (a new id per inversion made), and when done: recon metrics, timings, counts,
+summary.
+
+Freshness (notes/readme-freshness.md): `settings` hold what the stored steps read, by content: the settings that
+change them, the digests of the frames and (when STDG or --store-components reads it) masks/edit, and the
+model's content identity (never its path). `subject` and the model's path are labels only later stages use: a
+rerun that changes them updates them (`relabel`) and keeps the inversion. Edits record `inversion_id`.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,9 +34,10 @@ import numpy as np
 
 from stages.common.config import changed_settings, config_dict, config_hash
 from stages.common.digest import digest
-from stages.common.errors import InputError
+from stages.common.errors import InputError, VdError, first_line
 from stages.invert.config import GROUP, STAT_COLUMNS, InvertConfig
 from stages.invert.nulltext import _expand
+from stages.io.reads import Reads, describe_changed
 from stages.io.workspace import Workspace
 
 
@@ -90,9 +98,13 @@ def load_inversion(ws: Workspace) -> Inversion:
 
 # ------------------------------------------------------------------------------- settings and reruns
 
+# stored settings that are digests of workspace arrays, and the arrays they are of
+READS = {"frames": "video/frames", "masks": "masks/edit"}
+
+
 def _settings(cfg: InvertConfig) -> dict[str, Any]:
-    """Settings the stored steps depend on (before the model is loaded)."""
-    return {"model": cfg.model, "prompt": cfg.prompt, "negative_prompt": cfg.negative_prompt,
+    """Settings the stored steps depend on (the model by content: stored_settings adds its identity)."""
+    return {"prompt": cfg.prompt, "negative_prompt": cfg.negative_prompt,
             "steps": int(cfg.steps), "cfg": float(cfg.cfg), "method": cfg.method,
             "null_steps": int(cfg.null_steps) if cfg.method == "null-text" else 0,
             "stdg": list(cfg.coefficients()), "region": cfg.region, "shared_null": bool(cfg.shared_null),
@@ -105,22 +117,62 @@ def _digest(data: np.ndarray | None) -> str | None:
     return None if data is None else digest(data)
 
 
-def stored_settings(cfg: InvertConfig, frames: np.ndarray, mask: np.ndarray | None) -> dict[str, Any]:
-    """What a stored inversion depends on (before the model is loaded): the settings plus digests of the
-    frames and, when STDG uses it, the mask. A resume (or `vd batch`'s skip) needs these to be equal."""
+def reads_mask(cfg: InvertConfig) -> bool:
+    """Whether the inversion reads masks/edit (STDG on, or --store-components)."""
+    return any(cfg.coefficients()) or bool(cfg.store_components)
+
+
+def stored_settings(cfg: InvertConfig, frames: np.ndarray, mask: np.ndarray | None,
+                    identity: str | None = None) -> dict[str, Any]:
+    """What a stored inversion depends on: the settings, the digests of the frames and of the mask when the
+    inversion reads it, and the model's content identity (`identity`, when known). A resume (or `vd batch`'s
+    skip) needs these to be equal."""
     settings = _settings(cfg)
-    settings.update(frames=_digest(frames), masks=_digest(mask) if any(cfg.coefficients()) else None)
+    settings.update(frames=_digest(frames), masks=_digest(mask) if reads_mask(cfg) else None)
+    if identity is not None:
+        settings["model_fingerprint"] = identity
     return settings
 
 
-def _settings_change(stored: dict[str, Any], settings: dict[str, Any], ws: Workspace) -> str:
+def model_identity(cfg: InvertConfig, models: Any = None) -> str:
+    """The content identity of cfg's model: the loaded one's, else found from its files without loading."""
+    if models is not None:
+        return str(models.fingerprint)
+    from stages.models.resolve import model_identity as identity_of
+
+    return identity_of(cfg.model)
+
+
+def _model_change(stored: dict[str, Any], new_spec: str | None, new: Any, ws: Workspace) -> str:
+    """The refusal for an inversion made with another model (by content)."""
+    from stages.models.identity import is_legacy, legacy_message
+
+    old = stored["settings"].get("model_fingerprint")
+    if is_legacy(old):
+        return legacy_message(str(old), str(ws.path))
+    spec = (stored.get("model") or {}).get("spec") or (stored.get("config") or {}).get("model")
+    if new_spec is not None and spec is not None and spec != new_spec:
+        return (f"the inversion in {ws.path} was made with other settings (model {spec!r} -> {new_spec!r}); "
+                f"rerun with the same settings to resume, or pass --restart to discard it")
+    return (f"the inversion in {ws.path} was made with another model: the content of {spec!r} changed "
+            f"({old} -> {new}); pass --restart to invert again with it")
+
+
+def _settings_change(stored: dict[str, Any], settings: dict[str, Any], ws: Workspace,
+                     spec: str | None = None) -> str:
     """"" when the stored inversion (group attrs `stored`) was made with `settings` (the keys both have),
-    else the one-line refusal naming what changed."""
+    else the one-line refusal naming what changed; `spec` is the model asked for (to name it)."""
     # inversions made before --method existed are null-text ones
     old = {k: v for k, v in {"method": "null-text", **stored["settings"]}.items() if k in settings}
     changed = [k for k in changed_settings(old, settings) if k in settings]
     if not changed:
         return ""
+    if "model_fingerprint" in changed:
+        return _model_change(stored, spec, settings["model_fingerprint"], ws)
+    if "frames" in changed or "masks" in changed:
+        names = [READS[k] for k in READS if k in changed]
+        return (f"the inversion in {ws.path} is stale: {describe_changed(names)}; "
+                f"pass --restart to invert again")
 
     def show(k: str) -> str:
         a, b = old.get(k), settings.get(k)
@@ -131,9 +183,9 @@ def _settings_change(stored: dict[str, Any], settings: dict[str, Any], ws: Works
             f"rerun with the same settings to resume, or pass --restart to discard it")
 
 
-def _refuse_changes(stored: dict[str, Any], settings: dict[str, Any], ws: Workspace) -> None:
+def _refuse_changes(stored: dict[str, Any], settings: dict[str, Any], ws: Workspace, spec: str | None = None) -> None:
     """InputError when the stored inversion was made with other settings (see _settings_change)."""
-    why = _settings_change(stored, settings, ws)
+    why = _settings_change(stored, settings, ws, spec)
     if why:
         raise InputError(why)
 
@@ -148,12 +200,43 @@ def _incomplete(ws: Workspace, cfg: InvertConfig, stored: dict[str, Any]) -> str
     return ""
 
 
+def _relabels(stored: dict[str, Any], cfg: InvertConfig) -> dict[str, tuple[Any, Any]]:
+    """Labels of the stored inversion that cfg changes without changing the inversion: the subject (only
+    `vd edit` reads it) and the model's path (the same content elsewhere). {name: (old, new)}."""
+    changes: dict[str, tuple[Any, Any]] = {}
+    if stored.get("subject") != cfg.subject:
+        changes["subject"] = (stored.get("subject"), cfg.subject)
+    spec = (stored.get("model") or {}).get("spec")
+    if spec != cfg.model:
+        changes["model"] = (spec, cfg.model)
+    return changes
+
+
+def _show_relabels(changes: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+
+
+def relabel(ws: Workspace, cfg: InvertConfig, stored: dict[str, Any], progress: Any = None) -> dict[str, Any]:
+    """Store cfg's subject and model path on the stored inversion when they differ (nothing is recomputed:
+    edits whose prompt replaced the old subject become stale through it); returns the updated attrs."""
+    changes = _relabels(stored, cfg)
+    if not changes:
+        return stored
+    config = dict(stored.get("config") or {})
+    config.update(subject=cfg.subject, model=cfg.model)
+    ws.update_attrs(GROUP, subject=cfg.subject, model={**(stored.get("model") or {}), "spec": cfg.model},
+                    config=config)
+    if progress is not None:
+        progress.log(f"inversion in {ws.path}: {_show_relabels(changes)} (the inversion itself is unchanged)")
+    return ws.group_attrs(GROUP)
+
+
 def _require_inputs(ws: Workspace, cfg: InvertConfig) -> tuple[np.ndarray, np.ndarray | None]:
     if not ws.has("video/frames"):
         raise InputError(f"workspace {ws.path} has no video/frames; create it with `vd mask CLIP`")
     frames = ws.read("video/frames")
     mask = ws.read("masks/edit") if ws.has("masks/edit") else None
-    if mask is None and any(c != 0 for c in cfg.coefficients()):
+    if mask is None and reads_mask(cfg):
         raise InputError(f"workspace {ws.path} has no masks/edit (STDG needs the subject mask): run `vd mask` "
                          f"first, or pass --no-stdg")
     if mask is not None and mask.shape != frames.shape[:3]:
@@ -161,12 +244,14 @@ def _require_inputs(ws: Workspace, cfg: InvertConfig) -> tuple[np.ndarray, np.nd
     return frames, mask
 
 
-def is_current(ws: Workspace, cfg: InvertConfig) -> tuple[bool, str]:
-    """Whether run_invert(ws, cfg) would find the inversion complete and skip it: (True, "") or (False, why).
+def is_current(ws: Workspace, cfg: InvertConfig, identity: str | None = None) -> tuple[bool, str]:
+    """Whether run_invert(ws, cfg) would find the inversion complete and change nothing: (True, "") or
+    (False, why).
 
-    The same rule run_invert applies before loading a model (inputs, settings incl. frame/mask digests,
-    completion); the model's fingerprint and dtype are only checked once run_invert has loaded it.
-    Reads only: no lock, no model. A config that cannot work raises UsageError (cfg.coefficients()).
+    The same rule run_invert applies before loading a model: inputs, settings incl. the frame and mask
+    digests and the model's content identity (`identity`, else found from the model's files), completion,
+    then the labels (subject, model path) run_invert would update. The dtype is only checked once run_invert
+    has loaded the model. Reads only: no lock, no model. A config that cannot work raises UsageError.
     """
     try:
         frames, mask = _require_inputs(ws, cfg)
@@ -177,8 +262,54 @@ def is_current(ws: Workspace, cfg: InvertConfig) -> tuple[bool, str]:
         return False, f"workspace {ws.path} has no inversion"
     if cfg.restart:
         return False, "--restart discards the stored inversion"
-    why = _settings_change(stored, stored_settings(cfg, frames, mask), ws) or _incomplete(ws, cfg, stored)
+    if identity is None:
+        try:
+            identity = model_identity(cfg)
+        except VdError as exc:
+            return False, first_line(exc)
+    why = (_settings_change(stored, stored_settings(cfg, frames, mask, identity), ws, cfg.model)
+           or _incomplete(ws, cfg, stored))
+    if not why and _relabels(stored, cfg):
+        why = f"{_show_relabels(_relabels(stored, cfg))} (stored without redoing the inversion)"
     return not why, why
+
+
+def only_relabels(ws: Workspace, cfg: InvertConfig, identity: str) -> bool:
+    """Whether the stored inversion is complete for cfg and differs from it only in labels (relabel)."""
+    stored = ws.group_attrs(GROUP)
+    if cfg.restart or not stored.get("settings") or not _relabels(stored, cfg):
+        return False
+    try:
+        frames, mask = _require_inputs(ws, cfg)
+    except InputError:
+        return False
+    return not (_settings_change(stored, stored_settings(cfg, frames, mask, identity), ws, cfg.model)
+                or _incomplete(ws, cfg, stored))
+
+
+# ------------------------------------------------------------------------------- what later stages check
+
+def inversion_id(attrs: dict[str, Any]) -> str | None:
+    """The identity of the inversion stored with group attrs `attrs`, as edits record it: its settings'
+    hash plus the id of the run that made it (a --restart makes a new one). None without an inversion."""
+    made = attrs.get("config_hash")
+    run = attrs.get("run")
+    return f"{made}-{run}" if made and run else made
+
+
+def inputs_changed(ws: Workspace, attrs: dict[str, Any] | None = None, reads: Reads | None = None) -> str:
+    """"" when the arrays the stored inversion read (frames, and masks/edit when it read them) are unchanged,
+    else why it is stale. Reads only; `reads` shares digests with other checks of the same workspace."""
+    attrs = ws.group_attrs(GROUP) if attrs is None else attrs
+    settings = attrs.get("settings") or {}
+    recorded = {READS[k]: settings[k] for k in READS if settings.get(k) is not None}
+    changed = (reads or Reads(ws)).changed(recorded)
+    return describe_changed(changed) if changed else ""
+
+
+def stale_fix(ws: Workspace) -> str:
+    """The command that makes a stale inversion current again."""
+    return f"rerun `vd invert {ws.path} --restart`"
 
 
 def _summary_from_attrs(ws: Workspace) -> dict[str, Any]:
@@ -201,7 +332,7 @@ def _begin(ws: Workspace, cfg: InvertConfig, models: Any, schedule: Any, coef: t
                         schedule=schedule.name, steps=S, timesteps=list(schedule.timesteps), prev=list(schedule.prev),
                         edit_timesteps=list(schedule.edit_timesteps), edit_prev=list(schedule.edit_prev),
                         config=config_dict(cfg), settings=settings, config_hash=config_hash(settings),
-                        windows=windows.describe())
+                        run=uuid.uuid4().hex[:12], windows=windows.describe())
 
 
 def _open_arrays(ws: Workspace, S: int, F: int, D: int, shape: tuple[int, ...],
