@@ -1,6 +1,7 @@
 """Per-region edits (`vd edit --region NAME=PHRASE`, notes/readme-regions.md): prompt building and checks,
-the layout bias, SA-II per object and the blend per object (stand-in UNet, tests/fake_unet.py style), the
-one-region path against the single-subject edit (real tiny inversion), and the CLI."""
+the layout modulation wired through a region edit (its formula: tests/test_layout_modulation.py), SA-II
+per object and the blend per object (stand-in UNet, tests/fake_unet.py style), the one-region path against
+the single-subject edit (real tiny inversion), and the CLI."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from stages.common.progress import Progress
 from stages.edit.regions import parse_assignments, parse_regions_line, plan_regions, token_positions
 from stages.edit.run import EditConfig, edit_latents, load_inversion_for_edit, plan_edit, run_edit
 from stages.method.control.controller import attention_probs, module_kind
-from stages.method.control.layout import Layout, RegionKeys, layout_strength
+from stages.method.control.layout import RegionKeys, modulate
 from stages.method.windows import plan_windows
 
 FRAMES, STEPS, SIZE = 2, 5, 64
@@ -110,27 +111,7 @@ def test_region_settings_checks():
             validate_edit(EditConfig(regions={"bear": "tiger"} if "objects" not in kw else {}, **kw))
 
 
-# ----------------------------------------------------------------------------------------- layout formula
-def test_layout_bias_is_plus_minus_strength_on_the_phrase_tokens_only():
-    masks = torch.zeros(1, 2, 8, 8, dtype=torch.bool)
-    masks[0, 0, :, :2] = True  # frame 0: area 1/4
-    masks[0, 1, :4, :] = True  # frame 1: area 1/2
-    lay = Layout(masks, [[2, 3]], timesteps=[981, 781, 581], steps=2, strength=2.5, latent_hw=(8, 8))
-    for step, t in ((0, 981), (1, 781)):
-        bias = lay.bias(64, step, 77, torch.device("cpu"))
-        assert bias.shape == (2, 1, 64, 77)
-        for f, area in ((0, 0.25), (1, 0.5)):
-            s = 2.5 * (1 - area) * t / 1000
-            assert float(layout_strength(torch.tensor(area), t, 2.5)) == pytest.approx(s)
-            inside = masks[0, f].reshape(64)
-            expect = torch.zeros(64, 77)
-            expect[:, 2:4] = torch.where(inside, s, -s)[:, None]
-            torch.testing.assert_close(bias[f, 0], expect)
-    assert lay.bias(64, 2, 77, torch.device("cpu")) is None  # only in the layout steps
-    small = lay.bias(16, 0, 77, torch.device("cpu"))  # a 4x4 layer: the mask resized, its own area
-    assert small.shape == (2, 1, 16, 77) and float(small[0, 0, 0, 2]) == pytest.approx(2.5 * 0.75 * 0.981)
-
-
+# ----------------------------------------------------------------------------------------- SA-II per object
 def test_region_keys_with_one_edited_object_is_todays_sa2():
     labels = torch.zeros(2, 64, 64, dtype=torch.long)
     labels[:, 10:40, 5:30] = 1
@@ -185,8 +166,19 @@ def _run(ws, tiny, inv, **kw):
     return job, e, stats
 
 
-def test_layout_raises_phrase_mass_inside_its_mask_and_lowers_it_outside_only_in_layout_steps(ws2, tiny,
-                                                                                              monkeypatch):
+LABELS = torch.where(BEAR, 1, torch.where(WALL, 2, 0))  # (64,) latent labels of two_objects()
+SIZE_REG = torch.where(BG, 0.75, 0.625)  # 1 - 24/64 for bear and wall, 1 - 16/64 for the background
+
+
+def _modulated(q, k, positive, lam, t):
+    """softmax of the modulated scores, written from the formula (s per query pixel, w_t = ((t-1)/1000)^5)."""
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    return modulate(scores, positive, SIZE_REG[:, None], lam * ((t - 1) / 1000) ** 5).softmax(-1)
+
+
+def test_layout_modulates_the_edit_cond_cross_map_in_the_layout_steps_only(ws2, tiny, monkeypatch):
+    """Each edited object's target-phrase tokens are positive at its own pixels (lambda 1.0); every slot but
+    edit-cond keeps the plain map; after int(5 * 0.4) = 2 steps edit-cond is plain too."""
     inv = fake_inversion(tiny, STEPS, FRAMES, (8, 8))
     probe = ProbeUNet(monkeypatch, "cross")
     job, _, stats = _run(ws2, tiny, inv, regions={"bear": "a tiger", "wall": "a red brick wall"},
@@ -194,36 +186,69 @@ def test_layout_raises_phrase_mass_inside_its_mask_and_lowers_it_outside_only_in
     assert job.target == TWO_TARGET and stats["layout_steps"] == 2  # int(5 * 0.4)
     positions = [token_positions(tiny.tokenizer, job.target, r.tgt_spans) for r in job.regions.regions]
     assert positions == [[2], [12, 13, 14]]
+    positive = torch.zeros(64, 77, dtype=torch.bool)
+    positive[BEAR, 2] = True
+    positive[WALL, 12:15] = True
     layers = stats["installed"]["layout"]
     assert layers == 16 and stats["calls"]["layout"] == 2 * layers
     for step in range(STEPS):
+        t = inv.schedule.edit_timesteps[step]
         assert len(probe.seen[step]) == layers
         for name, q, k, out in probe.seen[step]:
-            plain = attention_probs(q[FRAMES:2 * FRAMES], k[FRAMES:2 * FRAMES])  # edit-cond slot, no layout
-            got = out[FRAMES:2 * FRAMES]
+            plain = attention_probs(q, k)
+            other = torch.cat([out[:FRAMES], out[2 * FRAMES:]])
+            torch.testing.assert_close(other, torch.cat([plain[:FRAMES], plain[2 * FRAMES:]]), rtol=0, atol=1e-5)
+            got, base = out[FRAMES:2 * FRAMES], plain[FRAMES:2 * FRAMES]
             if step >= 2:
-                torch.testing.assert_close(got, plain, rtol=0, atol=1e-6)
+                torch.testing.assert_close(got, base, rtol=0, atol=1e-5)
                 continue
-            for pos, mask in zip(positions, (BEAR, WALL)):
-                mass, base = got[..., pos].sum(-1), plain[..., pos].sum(-1)  # (F, 1, N)
-                assert (mass[..., mask] > base[..., mask]).all(), (name, step)
-                assert (mass[..., ~mask] < base[..., ~mask]).all(), (name, step)
-            other = [j for j in range(77) if j not in positions[0] + positions[1]]
-            ratio = got[..., other] / plain[..., other]  # other tokens are only renormalised
-            torch.testing.assert_close(ratio, ratio[..., :1].expand_as(ratio), rtol=1e-4, atol=0)
+            want = _modulated(q[FRAMES:2 * FRAMES], k[FRAMES:2 * FRAMES], positive, 1.0, t)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert (got[..., BEAR, 2] > base[..., BEAR, 2]).all(), (name, step)
 
 
 def test_layout_acts_on_inserted_target_tokens_with_p2p_on(ws2, tiny, monkeypatch):
-    """With P2P refine (tau_c) the inserted word keeps its own, biased map."""
+    """With P2P refine (tau_c) the inserted word keeps its own, modulated map; the unedited wall and the
+    background have no phrase tokens, so "tiger" is not positive there."""
     inv = fake_inversion(tiny, STEPS, FRAMES, (8, 8))
     probe = ProbeUNet(monkeypatch, "cross")
     job, _, stats = _run(ws2, tiny, inv, regions={"bear": "a tiger"}, layout_steps=0.2, sa1=False, sa2=False,
                          region_blend=False)
-    assert stats["cross_mode"] == "refine" and stats["calls"]["p2p"] > 0
+    assert stats["cross_mode"] == "refine" and stats["calls"]["p2p"] > 0 and stats["calls"]["layout"] > 0
+    positive = torch.zeros(64, 77, dtype=torch.bool)
+    positive[BEAR, 2] = True
+    t = inv.schedule.edit_timesteps[0]
     for name, q, k, out in probe.seen[0]:
-        plain = attention_probs(q[FRAMES:2 * FRAMES], k[FRAMES:2 * FRAMES])[..., 2]
+        want = _modulated(q[FRAMES:2 * FRAMES], k[FRAMES:2 * FRAMES], positive, 1.0, t)[..., 2]
         got = out[FRAMES:2 * FRAMES][..., 2]  # "tiger": inserted, alpha 0
-        assert (got[..., BEAR] > plain[..., BEAR]).all() and (got[..., ~BEAR] < plain[..., ~BEAR]).all(), name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        plain = attention_probs(q[FRAMES:2 * FRAMES], k[FRAMES:2 * FRAMES])[..., 2]
+        assert (got[..., BEAR] > plain[..., BEAR]).all(), name
+
+
+def test_layout_modulates_self_attention_below_full_resolution_by_label(ws2, tiny, monkeypatch):
+    """Self-attention (lambda 0.3): query and key with the same label are positive, the background being a
+    region of its own; the full-resolution layers (down_blocks.0, up_blocks.3) are never modulated."""
+    inv = fake_inversion(tiny, STEPS, FRAMES, (8, 8))
+    probe = ProbeUNet(monkeypatch, "self")
+    _, _, stats = _run(ws2, tiny, inv, regions={"bear": "tiger"}, layout_steps=0.4, cross=False, sa1=False,
+                       sa2=False, region_blend=False)
+    assert stats["installed"]["layout_self"] == 11 and stats["calls"]["layout_self"] == 2 * 11
+    positive = LABELS[:, None] == LABELS[None, :]
+    for step in range(STEPS):
+        t = inv.schedule.edit_timesteps[step]
+        names = [name for name, *_ in probe.seen[step]]
+        assert len(names) == 11 and not any(n.startswith(("down_blocks.0.", "up_blocks.3.")) for n in names)
+        for name, q, k, out in probe.seen[step]:
+            plain = attention_probs(q, k)
+            for slot in (0, 2, 3):  # edit-uncond and recon: plain ([0 | I] or [I | 0] values)
+                part = out[slot * FRAMES:(slot + 1) * FRAMES]
+                torch.testing.assert_close(part[..., 64:] if slot == 0 else part[..., :64],
+                                           plain[slot * FRAMES:(slot + 1) * FRAMES], rtol=0, atol=1e-5)
+            got = out[FRAMES:2 * FRAMES][..., 64:]
+            want = plain[FRAMES:2 * FRAMES] if step >= 2 else \
+                _modulated(q[FRAMES:2 * FRAMES], k[FRAMES:2 * FRAMES], positive, 0.3, t)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def _key_sets(bear: torch.Tensor, wall: torch.Tensor, bear_edited: bool, wall_edited: bool) -> torch.Tensor:
@@ -345,13 +370,14 @@ def one_line_error(result, code: int, text: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def cli_ws(inverted, tmp_path_factory):
+def cli_ws(inverted, tiny, tmp_path_factory):
     """The inverted workspace with two objects: bear (the disc) and wall (no stored phrase)."""
-    from test_edit import copy_workspace
+    from test_edit import copy_workspace, invert
 
     ws = copy_workspace(inverted, tmp_path_factory.mktemp("cli") / "ws")
     disc = np.asarray(ws.read("masks/objects/bear/raw"))
     write_objects(ws, {"bear": (disc, "brown bear"), "wall": (columns(4, 48, 64) * (1 - disc), None)})
+    invert(ws, tiny, restart=True)  # masks/edit (the union) changed: the STDG inversion is redone from it
     return ws
 
 

@@ -232,25 +232,29 @@ class WindowRegions:
     """The region pieces of one temporal window."""
 
     keys: Any  # stages.method.control.layout.RegionKeys
-    layout: Any  # Layout, or None when the layout is off
+    layout: Any  # Layout (VideoGrain's layout modulation), or None when it is off
     blend: Any  # RegionBlend, or None when --no-region-blend
 
 
 def region_controls(ws: Workspace, plan: RegionPlan, cfg: Any, tokenizer: Any, source: str, target: str,
                     spans: Sequence[tuple[int, int]], latent_hw: tuple[int, int], timesteps: Sequence[int],
                     steps: int) -> list[WindowRegions]:
-    """SA-II key sets, layout bias and per-object blend of a region edit, one set per window span."""
+    """SA-II key sets, layout modulation and per-object blend of a region edit, one set per window span.
+
+    The layout's regions are the label map's parts (background and every workspace object); the edited
+    objects carry their target-phrase tokens (stages.method.control.layout)."""
     import torch
 
     from stages.method.control.editing import LocalBlend
     from stages.method.control.layout import Layout, RegionBlend, RegionKeys, nearest
 
     frames = spans[-1][1]
-    labels_np, masks_np = load_objects(ws, plan.names, frames)
-    labels, masks = torch.from_numpy(labels_np), torch.from_numpy(masks_np)
+    labels = torch.from_numpy(load_objects(ws, plan.names, frames)[0])
     index = {n: k for k, n in enumerate(plan.names)}
-    region_masks = masks[[index[r.name] for r in plan.regions]]  # (R, F, H, W)
     tgt_pos = [token_positions(tokenizer, target, r.tgt_spans) for r in plan.regions]
+    object_pos: list[list[int]] = [[] for _ in plan.names]  # per label k - 1; empty for unedited objects
+    for region, pos in zip(plan.regions, tgt_pos):
+        object_pos[index[region.name]] = pos
     src_pos = [token_positions(tokenizer, source, r.src_spans) for r in plan.regions]
     layout_steps = int(steps * cfg.layout_steps)
     unedited = [k + 1 for k, edited in enumerate(plan.edited) if not edited]
@@ -259,7 +263,7 @@ def region_controls(ws: Workspace, plan: RegionPlan, cfg: Any, tokenizer: Any, s
     for s, e in spans:
         layout = None
         if layout_steps > 0 and cfg.layout_strength > 0:
-            layout = Layout(region_masks[:, s:e], tgt_pos, timesteps, layout_steps, cfg.layout_strength, latent_hw)
+            layout = Layout(labels[s:e], object_pos, timesteps, layout_steps, cfg.layout_strength, latent_hw)
         blend = None
         if cfg.region_blend:
             objects = [LocalBlend(sp, tp, latent_hw, cfg.blend_threshold) for sp, tp in zip(src_pos, tgt_pos)]

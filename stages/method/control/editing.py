@@ -215,8 +215,9 @@ class EditAttention:
     blend_blocks: Sequence[str] = BLEND_BLOCKS
     usage: Counter = field(default_factory=Counter)
     controller: AttentionController | None = None
-    # per-region edits (stages.method.control.layout): Layout biases the edit-cond cross map, RegionKeys
-    # replaces key_masks in SA-II; None keeps the single-subject behaviour exactly
+    # per-region edits (stages.method.control.layout): Layout modulates the edit-cond scores (cross: every
+    # layer; self: below full resolution, where neither SA-I nor SA-II runs), RegionKeys replaces key_masks
+    # in SA-II; None keeps the single-subject behaviour exactly
     layout: Any = None
     regions: Any = None
 
@@ -225,19 +226,22 @@ class EditAttention:
         self.controller = controller
         installed: dict[str, list[str]] = {"sa1": [], "sa2": [], "cross": [], "blend": []}
         if self.layout is not None:
-            installed["layout"] = []
+            installed["layout"], installed["layout_self"] = [], []
         for name in controller.names:
             kind = module_kind(name)
             if kind == "self":
                 wants1 = self.sa1 and self.sa1_steps > 0 and name in self.sa1_layers
                 wants2 = self.sa2 and (self.key_masks is not None or self.regions is not None) \
                     and in_blocks(name, self.sa2_blocks)
+                lay = self.layout is not None and self.layout.modulates_self(name)
                 if wants1:
                     installed["sa1"].append(name)
                 if wants2:
                     installed["sa2"].append(name)
-                if wants1 or wants2:
-                    controller.set(name, self._self_handler(wants1, wants2))
+                if lay:
+                    installed["layout_self"].append(name)
+                if wants1 or wants2 or lay:
+                    controller.set(name, self._self_handler(wants1, wants2, lay))
             elif kind == "cross":
                 p2p = self.cross and self.cross_steps > 0 and self.mapper is not None
                 rec = self.blend is not None and in_blocks(name, self.blend_blocks)
@@ -255,7 +259,7 @@ class EditAttention:
         assert self.controller is not None
         return self.controller.step
 
-    def _self_handler(self, use_sa1: bool, use_sa2: bool):
+    def _self_handler(self, use_sa1: bool, use_sa2: bool, use_layout: bool = False):
         def handler(name: str, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             step = self._step()
             if use_sa1 and step < self.sa1_steps:
@@ -267,6 +271,10 @@ class EditAttention:
                     return self.regions.attention(q, k, v)
                 assert self.key_masks is not None
                 return sa2_attention(q, k, v, self.key_masks.for_tokens(q.shape[2], q.device))
+            # the layout only where the edit-cond slot attends over its own keys (SA-I/SA-II replace it)
+            if use_layout and self.layout is not None and self.layout.active(step):
+                self.usage["layout_self"] += 1
+                return self.layout.self_attention(q, k, v, step)
             self.usage["self_plain"] += 1
             return F.scaled_dot_product_attention(q, k, v)
 
@@ -276,16 +284,23 @@ class EditAttention:
         def handler(name: str, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             step = self._step()
             edit = use_p2p and step < self.cross_steps
-            bias = None if self.layout is None else self.layout.bias(q.shape[2], step, k.shape[2], q.device)
-            if not edit and not use_blend and bias is None:
+            # a swap replaces every token's map and nothing records it: the modulation would be moot
+            moot = edit and not use_blend and self.alphas is not None and bool((self.alphas >= 1).all())
+            lay = self.layout is not None and self.layout.active(step) and not moot
+            if not edit and not use_blend and not lay:
                 self.usage["cross_plain"] += 1
                 return F.scaled_dot_product_attention(q, k, v)
             q0, q1, q2, q3 = slots(q)
             k0, k1, k2, k3 = slots(k)
             v0, v1, v2, v3 = slots(v)
-            p1 = attention_probs(q1, k1) if bias is None else self.layout.probs(q1, k1, bias)
+            if lay and not edit and not use_blend:  # layout only: the other slots stay the plain fused attention
+                self.usage["layout"] += 1
+                out, f = F.scaled_dot_product_attention(q, k, v), q1.shape[0]
+                p1 = self.layout.cross_probs(q1, k1, step)
+                return torch.cat([out[:f], torch.matmul(p1, v1), out[2 * f:]])
+            p1 = self.layout.cross_probs(q1, k1, step) if lay else attention_probs(q1, k1)
             p3 = attention_probs(q3, k3)
-            if bias is not None:
+            if lay:
                 self.usage["layout"] += 1
             if use_blend and self.blend is not None:
                 self.blend.record(p1, p3)

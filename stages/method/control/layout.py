@@ -1,10 +1,40 @@
 """Attention pieces of per-region edits (`vd edit --region`, notes/readme-regions.md).
 
-Layout (cross-attention, edit-cond slot, steps < layout steps): region r's target-phrase tokens P_r get a
-pre-softmax bias at query n of frame f
-    bias[f, n, j] = +s_r(f) if n lies in object r's mask, else -s_r(f)     (j in P_r; 0 for other tokens)
-    s_r(f) = lambda * (1 - a_r(f)) * t / 1000
-with a_r(f) the mask's area fraction in frame f at that layer's resolution and t the step's timestep.
+Layout modulation: VideoGrain's published rule (ALGORITHM.md §13.3; its ST-Layout attention). On the
+pre-softmax scores S = q k^T / sqrt(d) of the edit-cond slot, for steps i < int(S_steps * layout_steps):
+
+    S <- S + P * s * weight * (max_k S - S) - (not P) * s * weight * (S - min_k S)
+    weight = lambda * w_t,   w_t = ((t - 1) / 1000) ** 5   (t the step's timestep)
+
+with max and min over the keys of each query row, s the size regularisation of the query pixel
+(`size_regularisation`) and lambda = 1.0 (cross) or 0.3 (self), both times --layout-strength.
+
+Regions. vd's label map (stages.edit.regions.load_objects) splits every frame into the background (label 0,
+outside every object) and the workspace's objects (label k); each part is one region, the background
+included, as VideoGrain's configs give the background a layout mask of its own. So no pixel of a frame is
+in no region, and s of a background pixel is 1 - (background pixels) / (frame pixels).
+- Cross-attention (every layer): P[n, j] when pixel n lies in an edited object and token j is one of its
+  target-phrase tokens; every other token at that pixel is not P (start token, other words, padding).
+  The background and unedited objects have no phrase: all their tokens are not P, so their rows are only
+  flattened (VideoGrain treats a region with an empty phrase the same way).
+- Self-attention (spatial attn1, per frame): P[n, m] when query n and key m carry the same label. Only in
+  layers below the full latent resolution: VideoGrain leaves its 64x64 layers (of a 64x64 latent)
+  unmodulated; vd uses that ratio, so at 512 px the 32x32, 16x16 and 8x8 layers and, with the tiny
+  model's 8x8 latent, its 4x4, 2x2 and 1x1 layers.
+
+Slots. Only edit-cond is modulated. Edit-uncond is never modulated: VideoGrain's controller modulates the
+conditional half of its CFG batch; the unconditional branch carries vd's optimised null text, which has no
+phrase tokens; and CFG eps_c + w (eps_c - eps_u) carries the layout through the difference. (Its sliced
+full-frame self-attention applies the controller to the first `heads` slices, which in its [uncond, cond]
+batch are the unconditional half; read as a leftover of slicing written for a batch of one, since every
+other path takes the conditional half.) The recon slots never change: their outputs are bit for bit those
+of the same call without the layout.
+
+Composition (EditAttention): the modulated cross map still goes through P2P, which replaces the maps of
+aligned tokens (all of them in swap mode, where vd skips the modulation unless a local blend records the
+map), so there it is moot; SA-I and SA-II replace the edit-cond self-attention, and in their layers and
+steps vd does not modulate it (VideoGrain has no SA-II; its key set [source | edit] is left as it is).
+
 SA-II per object (RegionKeys): every query group (background, each object) sees its own set of source and
 edit keys. Local blend per object (RegionBlend): the union of the edited objects' own masks, never an
 unedited object's pixels. The handlers that use these live in stages.method.control.editing.EditAttention
@@ -19,10 +49,13 @@ import torch
 import torch.nn.functional as F
 
 from stages.method.control import editing
-from stages.method.control.editing import layer_hw, slots
+from stages.method.control.editing import block_level, layer_hw, slots
 
-LAYOUT_STEPS = 0.3  # layout for steps < int(S * layout_steps)
-LAYOUT_STRENGTH = 2.5  # lambda: the bias at t = 1000 for a vanishing mask (logit units)
+LAYOUT_STEPS = 0.3  # modulation for steps < int(S * layout_steps): VideoGrain's 15 of 50
+LAYOUT_STRENGTH = 1.0  # --layout-strength: a multiplier of both lambdas below
+LAYOUT_CROSS_STRENGTH = 1.0  # lambda of cross-attention (VideoGrain's creg)
+LAYOUT_SELF_STRENGTH = 0.3  # lambda of self-attention (VideoGrain's sreg)
+SCORE_BUDGET = 1 << 26  # float32 scores per chunk of frames in the modulated self-attention (256 MiB)
 
 
 def nearest(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -30,62 +63,105 @@ def nearest(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x[:, None].float(), size=hw, mode="nearest")[:, 0]
 
 
-def layout_strength(area: torch.Tensor, t: float, lam: float) -> torch.Tensor:
-    """s = lam * (1 - area) * t / 1000: stronger for small objects and early (noisy) steps."""
-    return lam * (1.0 - area) * (float(t) / 1000.0)
+def time_weight(t: float) -> float:
+    """w_t = ((t - 1) / 1000) ** 5: near 1 at the first, noisiest step, 0 at t = 1 (and at vd's final t = 0,
+    where the formula would give -1e-15)."""
+    return (max(float(t) - 1.0, 0.0) / 1000.0) ** 5
 
 
-def biased_probs(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + bias) in float32, returned in q's dtype (bias broadcasts over heads)."""
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
-    return (scores + bias.float()).softmax(dim=-1).to(q.dtype)
+def modulate(scores: torch.Tensor, positive: torch.Tensor, size_reg: torch.Tensor, weight: float) -> torch.Tensor:
+    """S + P s w (max_k S - S) - (not P) s w (S - min_k S); scores and positive (..., n, k), size_reg
+    (..., n, 1), weight = lambda * w_t. Max and min over the keys of each query row."""
+    hi = scores.amax(dim=-1, keepdim=True)
+    lo = scores.amin(dim=-1, keepdim=True)
+    a = size_reg * weight
+    return torch.where(positive, scores + a * (hi - scores), scores - a * (scores - lo))
+
+
+def size_regularisation(labels: torch.Tensor) -> torch.Tensor:
+    """s per pixel of an (F, H, W) label map: 1 - (pixels of the pixel's label in its frame) / (pixels of the
+    frame); label 0 means "in no region" and gets s = 1. Returns float32 (F, H, W)."""
+    flat = labels.long().flatten(1)
+    counts = torch.zeros(flat.shape[0], int(flat.max()) + 1, dtype=torch.float32, device=flat.device)
+    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
+    s = 1.0 - counts.gather(1, flat) / flat.shape[1]
+    return torch.where(flat == 0, torch.ones_like(s), s).reshape(labels.shape)
 
 
 class Layout:
-    """The layout bias of one window: object masks (R, F, H, W) and the target-phrase token positions of
-    each region; active for steps < `steps`, with t read from `timesteps[step]`."""
+    """The layout modulation of one window.
 
-    def __init__(self, masks: torch.Tensor, positions: Sequence[Sequence[int]], timesteps: Sequence[int],
-                 steps: int, strength: float, latent_hw: tuple[int, int]):
-        self.masks = masks.bool()
-        self.positions = [list(p) for p in positions]
+    labels (F, H, W) int: 0 background, k object k of the workspace; positions[k - 1] the target-phrase
+    token positions of object k (empty for an object the edit does not name); active for steps < `steps`,
+    with t read from `timesteps[step]`; `strength` multiplies both lambdas.
+    """
+
+    def __init__(self, labels: torch.Tensor, positions: Sequence[Sequence[int]], timesteps: Sequence[int],
+                 steps: int, strength: float, latent_hw: tuple[int, int], levels: int = 4):
+        self.labels = labels.long()
+        self.positions = [sorted({int(p) for p in pos}) for pos in positions]
         self.timesteps = list(timesteps)
-        self.steps, self.strength, self.latent_hw = steps, strength, latent_hw
-        self._masks: dict[int, torch.Tensor] = {}
-        self._bias: dict[tuple[int, int, int, str], torch.Tensor] = {}
+        self.steps, self.strength, self.latent_hw, self.levels = steps, float(strength), latent_hw, levels
+        self._layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def active(self, step: int) -> bool:
-        """Whether the bias acts at this step."""
-        return step < self.steps and self.strength > 0 and any(self.positions)
+        """Whether the modulation acts at this step."""
+        return step < self.steps and self.strength > 0
 
-    def region_masks(self, n: int, device: torch.device) -> torch.Tensor:
-        """(R, F, n) bool masks at the resolution of a layer with n tokens."""
-        if n not in self._masks:
-            hw = layer_hw(n, self.latent_hw)
-            self._masks[n] = torch.stack([nearest(m, hw) > 0.5 for m in self.masks]).flatten(2)
-        return self._masks[n].to(device)
+    def weight(self, step: int, lam: float) -> float:
+        """strength * lambda * w_t of this step."""
+        return self.strength * lam * time_weight(self.timesteps[step])
 
-    def bias(self, n: int, step: int, keys: int, device: torch.device) -> torch.Tensor | None:
-        """(F, 1, n, keys) additive pre-softmax bias for this step, or None outside the layout steps."""
-        if not self.active(step):
-            return None
-        key = (n, keys, step, str(device))
-        if key not in self._bias:
-            self._bias = {k: v for k, v in self._bias.items() if k[2] == step}  # keep only this step's
-            m = self.region_masks(n, device).float()
-            s = layout_strength(m.mean(-1), self.timesteps[step], self.strength)  # (R, F)
-            signed = s[..., None] * (2.0 * m - 1.0)  # (R, F, n)
-            out = torch.zeros(m.shape[1], n, keys, device=device)
-            for r, pos in enumerate(self.positions):
-                pos = [p for p in pos if p < keys]
-                if pos:
-                    out[:, :, pos] += signed[r][..., None]
-            self._bias[key] = out[:, None]
-        return self._bias[key]
+    def modulates_self(self, name: str) -> bool:
+        """Whether self-attention module `name` lies below the full latent resolution."""
+        return block_level(name, self.levels) >= 1
 
-    def probs(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """The biased cross-attention map of the edit-cond slot."""
-        return biased_probs(q, k, bias)
+    def layer(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(labels (F, n) int64, s (F, n, 1) float32) at the resolution of a layer with n tokens; the
+        background counts as a region of its own (label 0 -> 1 for the size regularisation)."""
+        if n not in self._layers:
+            lab = nearest(self.labels, layer_hw(n, self.latent_hw)).round().long()
+            self._layers[n] = lab.flatten(1), size_regularisation(lab + 1).flatten(1)[..., None]
+        lab, s = self._layers[n]
+        return lab.to(device), s.to(device)
+
+    def cross_positive(self, labels: torch.Tensor, keys: int) -> torch.Tensor:
+        """(F, n, keys) bool: P[n, j] when pixel n's object is edited and j is one of its phrase tokens."""
+        table = torch.zeros(len(self.positions) + 1, keys, dtype=torch.bool, device=labels.device)
+        for k, pos in enumerate(self.positions, start=1):
+            pos = [p for p in pos if p < keys]
+            table[k, pos] = True
+        return table[labels]
+
+    def cross_probs(self, q: torch.Tensor, k: torch.Tensor, step: int) -> torch.Tensor:
+        """The modulated edit-cond cross-attention map (F, heads, n, keys), in q's dtype."""
+        lab, s = self.layer(q.shape[2], q.device)
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+            positive = self.cross_positive(lab, k.shape[2])[:, None]
+            out = modulate(scores, positive, s[:, None], self.weight(step, LAYOUT_CROSS_STRENGTH))
+            return out.softmax(dim=-1).to(q.dtype)
+
+    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: int) -> torch.Tensor:
+        """Self-attention of one layer call (head layout, 4 slots): edit-cond modulated, the other slots the
+        plain fused attention. Scores are materialised per chunk of frames."""
+        out = F.scaled_dot_product_attention(q, k, v)
+        _q0, q1, _q2, _q3 = slots(q)
+        _k0, k1, _k2, _k3 = slots(k)
+        _v0, v1, _v2, _v3 = slots(v)
+        f, heads, n, _ = q1.shape
+        lab, s = self.layer(n, q.device)
+        weight = self.weight(step, LAYOUT_SELF_STRENGTH)
+        chunk = max(1, SCORE_BUDGET // (heads * n * n))
+        parts = []
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            for a in range(0, f, chunk):
+                b = min(f, a + chunk)
+                scores = torch.matmul(q1[a:b].float(), k1[a:b].float().transpose(-1, -2)) * q1.shape[-1] ** -0.5
+                positive = (lab[a:b, :, None] == lab[a:b, None, :])[:, None]
+                probs = modulate(scores, positive, s[a:b, None], weight).softmax(dim=-1)
+                parts.append(torch.matmul(probs, v1[a:b].float()).to(out.dtype))
+        return torch.cat([out[:f], torch.cat(parts), out[2 * f:]])
 
 
 # ----------------------------------------------------------------------------------------- SA-II per object
