@@ -366,3 +366,36 @@ def test_eval_compare_tables_methods_side_by_side(tmp_path):
     res = CliRunner().invoke(app, ["eval", "--compare", str(tmp_path / "clips"), "--metrics", "psnr", "-q"])
     assert res.exit_code == 0, res.output
     assert "By inversion method" in res.stdout and "direct n=2" in res.stdout and "null-text n=1" in res.stdout
+
+
+@pytest.mark.parametrize("method, uncond", [("negative-prompt", SOURCE), ("direct", ""), ("null-text", "")],
+                         ids=["negative-prompt", "direct", "null-text"])
+def test_recon_uncond_slot_follows_the_inversion_method(tiny, tmp_path, monkeypatch, method, uncond):
+    """The text of the recon-uncond slot (2). negative-prompt: the source prompt's, as PnP's NPI+P2P gives both
+    rows the same uncond c_src; the recon branch's CFG prediction is then eps_c + 7.5 (eps_c - eps_c) = eps_c,
+    the inversion path's own. direct: the negative prompt "" its offsets were made with (the source branch lands
+    on z* only so). null-text: the negative prompt, not phi (the reference code, ALGORITHM.md §5.1)."""
+    from stages.method.ddim import cfg as cfg_combine
+    from stages.models.ops import encode_text
+
+    monkeypatch.setattr("stages.models.ops.unet_eps", fake_invert_eps)
+    ws = make_workspace(tmp_path / "ws", frames=2)
+    _invert(ws, tiny, method, null_steps=1)
+    spy = Spy(monkeypatch)
+    _edit(ws, tiny, monkeypatch, prompt="tiger", **CONTROLS_OFF)
+    want, src = encode_text(tiny, [uncond, SOURCE])
+    null = torch.from_numpy(ws.read("inversion/null_embeddings"))
+    m_u, m_c = _emb_mean(tiny, uncond), _emb_mean(tiny, SOURCE)
+    assert len(spy.calls) == S
+    for i, (t, z, emb) in enumerate(spy.calls):
+        slot = emb.view(4, 2, *emb.shape[1:])  # rows slot * F + frame
+        assert torch.equal(slot[2], want.expand(2, -1, -1)) and torch.equal(slot[3], src.expand(2, -1, -1)), i
+        assert torch.equal(slot[0], null[i])  # edit-uncond: the stored phi_i, whatever the method
+        eps = fake_invert_eps(tiny, z, t, emb)
+        recon = cfg_combine(eps[2], eps[3], 7.5).double()
+        by_hand = 0.5 * z[3].double() + 1e-3 * t + m_c + 7.5 * (m_c - m_u)  # eps_c + 7.5 (m_c - m_u)
+        torch.testing.assert_close(recon, by_hand, rtol=1e-5, atol=1e-5)
+        if method == "negative-prompt":
+            assert torch.equal(eps[2], eps[3])  # slot 2 is slot 3: the recon prediction is eps_c exactly
+    if method != "negative-prompt":
+        assert abs(m_c - m_u) > 1e-3  # the negative prompt differs from the source: the slot is told apart

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,7 @@ from stages.common.errors import InputError, ModelMissingError
 from stages.common.progress import Progress
 from stages.edit.first_frame import map_to_frame
 from stages.edit.run import EditConfig, edit_latents, load_inversion_for_edit, plan_edit
+from stages.io.workspace import Workspace
 from stages.models.sparsectrl import SparseCtrl, locate, tiny_sparsectrl
 from test_edit import SOURCE
 from vdcli.app import app
@@ -83,6 +86,28 @@ def test_scale_zero_is_todays_edit_exactly_and_a_scale_acts(inverted, tiny, ctrl
     assert float((one - base).norm() / base.norm()) > 1e-3
     none, stats = edit(inverted, tiny, ctrl, prompt="tiger", first_frame=str(image), first_frame_steps=0)
     assert stats["first_frame"]["calls"] == 0 and torch.equal(none, base)
+
+
+def test_half_scale_gives_exactly_half_the_residuals(inverted, tiny, ctrl, image, monkeypatch):
+    """The scale S is applied once and linearly: every residual reaching the UNet at S = 0.5 is exactly
+    0.5 x the one at S = 1 (x 0.5 is exact in binary floating point); a scale applied twice gives 0.25 x."""
+    seen: dict[float, list[Any]] = {}
+
+    def stand_in(models: Any, z: torch.Tensor, t: int, emb: torch.Tensor, residuals: Any = None) -> torch.Tensor:
+        seen[scale].append(residuals)
+        return 0.5 * z + 1e-3 * t  # the UNet's answer does not matter here, only what it is handed
+
+    monkeypatch.setattr(stages.models.ops, "unet_eps", stand_in)
+    for scale in (1.0, 0.5):
+        seen[scale] = []
+        edit(inverted, tiny, ctrl, prompt="tiger", first_frame=str(image), first_frame_scale=scale)
+    assert len(seen[1.0]) == len(seen[0.5]) == STEPS
+    for full, half in zip(seen[1.0], seen[0.5]):
+        (down_1, mid_1), (down_h, mid_h) = full, half
+        assert len(down_1) == len(down_h) == 12
+        for one, h in zip(list(down_1) + [mid_1], list(down_h) + [mid_h]):
+            assert one.abs().max() > 1e-4  # S = 1 adds something
+            assert torch.equal(h, 0.5 * one)
 
 
 class SpyControlNet:
@@ -190,8 +215,42 @@ def test_bad_inputs_one_line_each_and_nothing_written(inverted, loads, image, tm
         one_line_error(vd("edit", ws, "--first-frame", image, "--first-frame-scale", bad), 2, "--first-frame-scale")
     one_line_error(vd("edit", ws, "--first-frame", image, "--first-frame-steps", "-1"), 2, "--first-frame-steps")
     one_line_error(vd("edit", ws, "--prompt", "tiger", "--first-frame-scale", "2"), 2, "need --first-frame")
-    one_line_error(vd("edit", ws, "--first-frame", image), 4, "vd models --get sparsectrl-rgb")
     assert loads == [] and listing(inverted) == before and not inverted.has("edits")
+
+
+def test_missing_weights_exit_4_for_a_model_other_than_tiny(inverted, loads, image, tmp_path, no_weights):
+    real = tmp_path / "real"  # the same workspace, as if inverted with the real model
+    shutil.copytree(inverted.path, real)
+    ws = Workspace.open(real)
+    ws.update_attrs("inversion", model=dict(ws.group_attrs("inversion")["model"], spec="sd15-animatediff-v3"))
+    one_line_error(vd("edit", real, "--first-frame", image), 4, "vd models --get sparsectrl-rgb")
+    assert loads == [] and not ws.has("edits")
+
+
+def test_tiny_model_gets_the_tiny_random_sparsectrl_named_in_every_output(inverted, loads, image, tmp_path,
+                                                                          no_weights):
+    """No SparseCtrl weights anywhere: an edit of a `--model tiny` inversion runs with the seeded random
+    SparseCtrl, named "tiny-random" in the log, --json and the edit's attrs."""
+    from stages.models.sparsectrl import random_sparsectrl
+
+    shutil.copytree(inverted.path, tmp_path / "copy")
+    ws = Workspace.open(tmp_path / "copy")
+    r = vd("edit", ws.path, "--first-frame", image, "--first-frame-steps", "1", "--json")
+    assert r.exit_code == 0, r.output
+    assert loads == ["tiny"]
+    assert "first frame: SparseCtrl tiny-random (untrained" in r.stderr
+    data = json.loads(r.stdout)
+    assert data["first_frame"]["weights"] == "tiny-random" and "tiny-random" in data["first_frame"]["fingerprint"]
+    assert data["first_frame"]["calls"] == 1
+    attrs = ws.group_attrs("edits/first-frame")
+    assert attrs["first_frame"]["sparsectrl"] == "tiny-random"
+    assert attrs["stats"]["first_frame"]["weights"] == "tiny-random"
+    one, two = random_sparsectrl(SimpleNamespace(device=torch.device("cpu"))), tiny_sparsectrl(0)
+    assert all(torch.equal(a, b) for a, b in zip(one.model.state_dict().values(), two.state_dict().values()))
+    first = ws.read("edits/first-frame/frames")
+    r = vd("edit", ws.path, "--first-frame", image, "--first-frame-steps", "1", "--name", "again", "-q")
+    assert r.exit_code == 0, r.output
+    np.testing.assert_array_equal(ws.read("edits/again/frames"), first)  # seeded: the same edit again
 
 
 def test_cli_end_to_end_with_tiny_weights_on_disk(inverted, loads, tmp_path, monkeypatch):

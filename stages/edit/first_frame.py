@@ -51,12 +51,14 @@ class FirstFrame:
     scale: float
     steps: int | None  # None: every step
     controlnet: SparseCtrl | None = None  # set to skip loading (tests); else loaded for the edit
+    weights: str | None = None  # "tiny-random" for a "tiny" inversion (sparsectrl.uses_random); None: located
 
     def describe(self) -> dict[str, Any]:
         """The record stored in the edit's attrs (`first_frame`)."""
-        return {"path": self.path, "sha256": self.sha256, "digest": self.digest,
-                "size": [self.size[1], self.size[0]], "mapping": self.mapping, "scale": self.scale,
-                "steps": self.steps, "frame_index": 0}
+        out = {"path": self.path, "sha256": self.sha256, "digest": self.digest,
+               "size": [self.size[1], self.size[0]], "mapping": self.mapping, "scale": self.scale,
+               "steps": self.steps, "frame_index": 0}
+        return {**out, "sparsectrl": self.weights} if self.weights else out
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -137,18 +139,23 @@ def plan_first_frame(ws: Workspace, cfg: Any) -> FirstFrame | None:
     """The checked first frame of an edit config (None without --first-frame); reads the image, no model."""
     if not cfg.first_frame:
         return None
+    from stages.models.sparsectrl import RANDOM, uses_random
+
     data, image = read_image(cfg.first_frame)
     mapped, how = map_to_frame(ws, image, str(cfg.first_frame))
+    spec = (ws.group_attrs("inversion").get("model") or {}).get("spec") if ws.has("inversion") else None
     return FirstFrame(path=str(cfg.first_frame), data=data, image=mapped, sha256=hashlib.sha256(data).hexdigest(),
                       digest=digest(mapped), size=(int(image.shape[0]), int(image.shape[1])), mapping=how,
-                      scale=float(cfg.first_frame_scale), steps=cfg.first_frame_steps)
+                      scale=float(cfg.first_frame_scale), steps=cfg.first_frame_steps,
+                      weights=RANDOM if uses_random(spec) else None)
 
 
 def require_weights(jobs: Sequence[Any]) -> None:
     """ModelMissingError (exit 4) before any model loads when an edit needs SparseCtrl and it is absent."""
     from stages.models.sparsectrl import locate
 
-    if any(getattr(j, "first_frame", None) is not None and j.first_frame.controlnet is None for j in jobs):
+    if any(j.first_frame.controlnet is None and j.first_frame.weights is None
+           for j in jobs if getattr(j, "first_frame", None) is not None):
         locate()
 
 
@@ -221,25 +228,32 @@ def _to_slots(res: torch.Tensor, n: int) -> torch.Tensor:
 _LOADED: dict[tuple[Any, ...], Any] = {}  # the last SparseCtrl loaded (several edits of one run share it)
 
 
-def _controlnet(models: Any) -> SparseCtrl:
-    from stages.models.sparsectrl import load_sparsectrl, locate
+def _controlnet(models: Any, weights: str | None) -> SparseCtrl:
+    from stages.models.sparsectrl import load_sparsectrl, locate, random_sparsectrl
 
-    key = (str(locate()[0]), str(models.device), str(models.dtype), models.fingerprint)
+    where = weights or str(locate()[0])
+    key = (where, str(models.device), str(models.dtype), models.fingerprint)
     if key not in _LOADED:
         _LOADED.clear()
-        _LOADED[key] = load_sparsectrl(models)
+        _LOADED[key] = random_sparsectrl(models) if weights else load_sparsectrl(models)
     return _LOADED[key]
 
 
-def first_frame_control(job: Any, models: Any, inv: Inversion) -> FirstFrameControl | None:
+def first_frame_control(job: Any, models: Any, inv: Inversion, progress: Any = None) -> FirstFrameControl | None:
     """The SparseCtrl conditioning of `job` (None without --first-frame): the controlnet (loaded once per
-    run unless the plan carries one) and the VAE latent of the mapped image (the inversion's seed)."""
+    run unless the plan carries one; the tiny random one for a "tiny" inversion) and the VAE latent of the
+    mapped image (the inversion's seed)."""
     from stages.models.ops import vae_encode
 
     ff: FirstFrame | None = getattr(job, "first_frame", None)
     if ff is None:
         return None
-    ctrl = ff.controlnet if ff.controlnet is not None else _controlnet(models)
+    ctrl = ff.controlnet if ff.controlnet is not None else _controlnet(models, ff.weights)
+    if progress is not None:
+        from stages.models.sparsectrl import RANDOM
+
+        untrained = " (untrained, random weights: tests the plumbing only)" if ctrl.source == RANDOM else ""
+        progress.log(f"first frame: SparseCtrl {ctrl.source}{untrained}")
     seed = int((inv.attrs.get("config") or {}).get("seed", 42))
     latent = vae_encode(models, ff.image[None], seed=seed)[0]
     steps = inv.steps if ff.steps is None else min(int(ff.steps), inv.steps)

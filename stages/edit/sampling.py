@@ -13,7 +13,7 @@ import torch
 from stages.common.errors import InputError
 from stages.common.progress import Progress
 from stages.edit.first_frame import first_frame_control
-from stages.edit.offsets import source_branch
+from stages.edit.offsets import recon_uncond, source_branch
 from stages.io.workspace import Workspace
 from stages.method.control.controller import AttentionController, install
 from stages.method.control.editing import EditAttention, KeyMasks, LocalBlend, sa1_layers
@@ -46,7 +46,7 @@ def edit_latents(ws: Workspace, inv: Inversion, models: Any, job: Any,
     windows = inversion_windows(inv)
     source = source_branch(inv, dev)  # direct inversion: the source branch and its offsets (edit/offsets.py)
     emb_tgt, emb_src, emb_neg = encode_text(models, [job.target, inv.prompt, inv.negative_prompt]).to(dev)
-    first = first_frame_control(job, models, inv)  # --first-frame: SparseCtrl on the target slots (first_frame.py)
+    first = first_frame_control(job, models, inv, progress)  # --first-frame: SparseCtrl on the target slots
 
     plan = cross_plan(models.tokenizer, inv.prompt, job.target, cfg.reweight, cfg.cross_mode)
     regional = None
@@ -103,7 +103,7 @@ def edit_latents(ws: Workspace, inv: Inversion, models: Any, job: Any,
                     control.blend = blends[k] if blends else None
                     if regional is not None:
                         control.layout, control.regions = regional[k].layout, regional[k].keys if cfg.sa2 else None
-                    emb = torch.cat([phi[s:e_], emb_tgt.expand(n, -1, -1), emb_neg.expand(n, -1, -1),
+                    emb = torch.cat([phi[s:e_], emb_tgt.expand(n, -1, -1), recon_uncond(inv, phi[s:e_], emb_neg),
                                      emb_src.expand(n, -1, -1)])
                     extra = first.residuals(i, s, e_, t, emb) if first is not None else None
                     if extra is not None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from stages.common.errors import InputError, UsageError
 from stages.io.workspace import Workspace, check_name
-from stages.mask.prompts import check_prompts_inside, parse_box, parse_point
+from stages.mask.prompts import box_mask, check_prompts_inside, parse_box, parse_point
 
 GROUP = "masks/objects"
 DEFAULT_NAME = "object"
@@ -199,6 +199,40 @@ def check_objects_inside(specs: Sequence[ObjectSpec], height: int, width: int) -
             check_prompts_inside(spec.points, spec.box, height, width)
         except InputError as exc:
             raise InputError(f"object {spec.name!r}: {exc}" if len(specs) > 1 else str(exc)) from None
+
+
+# ------------------------------------------------------------------------------------------ --box-only
+def check_box_only(specs: Sequence[ObjectSpec], named: bool) -> None:
+    """--box-only takes each object's --box as its mask: UsageError for an object without a box, or with
+    points or a text (those prompt SAM2 or the detector, which --box-only skips). `named`: --object form."""
+    for spec in specs:
+        if spec.box is None and not named:
+            raise UsageError("--box-only needs --box X0,Y0,X1,Y1")
+        if spec.box is None:
+            raise UsageError(f"--box-only: object {spec.name!r} has no --box; give it --box X0,Y0,X1,Y1 "
+                             f"(--point/--text need SAM2: drop --box-only)")
+        if spec.points or spec.text:
+            whose = f"object {spec.name!r}'s " if named else ""
+            raise UsageError(f"--box-only uses the box alone; drop {whose}--point/--text")
+
+
+def box_masks(specs: Sequence[ObjectSpec], frames: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """--box-only masks: each object's rectangle on every frame, made disjoint.
+
+    A pixel inside several boxes goes to the smallest of them (a box drawn inside another marks the thing in
+    front, which would otherwise vanish); equal areas: the earlier object. Returns (masks uint8 (N, F, H, W)
+    0/1, pairs int64 (N, N) upper triangle: pixels both boxes held before the resolution, over all frames).
+    """
+    rects = np.stack([box_mask(spec.box, 1, height, width)[0] for spec in specs]).astype(bool)  # type: ignore[arg-type]
+    count = len(specs)
+    areas = rects.reshape(count, -1).sum(axis=1)
+    owner = np.full((height, width), -1, np.int64)
+    for k in sorted(range(count), key=lambda j: (areas[j], j), reverse=True):  # the smallest is written last
+        owner[rects[k]] = k
+    masks = (owner[None] == np.arange(count)[:, None, None]).astype(np.uint8)
+    flat = rects.reshape(count, -1).astype(np.int64)
+    pairs = np.triu(flat @ flat.T, k=1) * frames
+    return np.repeat(masks[:, None], frames, axis=1), pairs.astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------------ results

@@ -62,3 +62,33 @@ def preview_objects(frames: np.ndarray, names: Sequence[str], raws: Sequence[np.
     for edit in edits:
         out[_outline(edit)] = 255
     return draw_names(out, names, raws) if labels else out
+
+
+def draw_prompts(frames: np.ndarray, prompts: Sequence[tuple[Sequence[Sequence[float]], Sequence[float] | None]],
+                 frame: int | None = None) -> np.ndarray:
+    """Draw each object's prompts in its colour (as SAM2's demo does): its box outlined, its points as dots
+    ringed white (object, LABEL 1) or ringed black with a black bar (background, LABEL 0). `prompts` holds
+    (points [(x, y, label)], box (x0, y0, x1, y1) or None) per object in object order; `frame`: only that
+    frame (the prompt frame), else every frame."""
+    import cv2
+
+    out = np.array(frames, dtype=np.uint8, copy=True)
+    height, width = out.shape[1:3]
+    radius = max(2, int(round(min(height, width) / 80)))
+    thick = max(1, int(round(min(height, width) / 256)))
+    for f in range(len(out)) if frame is None else [frame]:
+        image = np.ascontiguousarray(out[f])
+        for k, (points, box) in enumerate(prompts):
+            tint = colour(k)
+            if box is not None:
+                x0, y0, x1, y1 = (int(round(v)) for v in box)
+                cv2.rectangle(image, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), tint, thick)
+            for x, y, label in points:
+                centre = (int(round(x)), int(round(y)))
+                ring = (255, 255, 255) if int(label) else (0, 0, 0)
+                cv2.circle(image, centre, radius + thick, ring, -1, cv2.LINE_AA)
+                cv2.circle(image, centre, radius, tint, -1, cv2.LINE_AA)
+                if not int(label):
+                    cv2.line(image, (centre[0] - radius, centre[1]), (centre[0] + radius, centre[1]), ring, thick)
+        out[f] = image
+    return out

@@ -187,18 +187,16 @@ def check_options(cfg: MaskConfig) -> None:
         raise UsageError("use either --mask-dir or --mask-video, not both")
     if imported and (cfg.points or cfg.box or cfg.text or cfg.objects):
         raise UsageError(f"{imported[0]} imports masks; drop --object/--point/--box/--text (they prompt SAM2)")
-    if cfg.box_only and cfg.objects:
-        raise UsageError("--box-only takes one object (--box alone); named objects are tracked by SAM2")
-    if cfg.box_only and not cfg.box:
-        raise UsageError("--box-only needs --box X0,Y0,X1,Y1")
-    if cfg.box_only and (cfg.points or cfg.text):
-        raise UsageError("--box-only uses the box alone; drop --point/--text")
+    if cfg.box_only and not cfg.objects and not cfg.box:
+        raise UsageError("--box-only needs --box X0,Y0,X1,Y1 (one per object with --object)")
     if not (imported or cfg.points or cfg.box or cfg.text or cfg.objects):
         raise UsageError("no mask source: give --point/--box/--text (SAM2), --object NAME ..., --mask-dir DIR "
                          "or --mask-video FILE")
     if not 0 < cfg.text_threshold <= 1:
         raise UsageError(f"--text-threshold must be in (0, 1] (got {cfg.text_threshold})")
-    obj.object_specs(cfg)  # names, duplicates, objects without prompts
+    specs = obj.object_specs(cfg)  # names, duplicates, objects without prompts
+    if cfg.box_only:
+        obj.check_box_only(specs, bool(cfg.objects))  # a box per object, nothing else
     if cfg.prompt_frame < 0:
         raise UsageError(f"--prompt-frame must be >= 0 (got {cfg.prompt_frame})")
     if cfg.frames != ALL_FRAMES and cfg.prompt_frame >= cfg.frames:
@@ -257,6 +255,10 @@ def run_mask(clip: str | Path, output: str | Path | None, config: MaskConfig,
             for spec in specs:
                 if spec.name in found:
                     spec.box, scores[spec.name] = found[spec.name].box, round(found[spec.name].score, 4)
+        if detector is not None:
+            from stages.models.detector import RANDOM, RANDOM_NAME
+
+            mask_info["detector"] = RANDOM_NAME if detector == RANDOM else str(detector)
         progress.log(f"SAM2: {checkpoint or 'random weights (testing only)'}")
         predictor = sam2_track.load_predictor(checkpoint, config.device)
         masks, pairs = sam2_track.track_objects(predictor, frames, [(s.points, s.box) for s in specs],
@@ -267,9 +269,10 @@ def run_mask(clip: str | Path, output: str | Path | None, config: MaskConfig,
                          box=list(first.box) if len(specs) == 1 and first.box else None,
                          prompt_frame=config.prompt_frame)
     elif method == "box":
-        progress.log("--box-only: the same box on every frame (no tracking)")
-        masks = box_mask(specs[0].box, count, height, width)[None]  # type: ignore[arg-type]
-        mask_info.update(box=list(specs[0].box), prompt_frame=config.prompt_frame)  # type: ignore[arg-type]
+        progress.log("--box-only: each object's box on every frame (no tracking)")
+        masks, pairs = obj.box_masks(specs, count, height, width)
+        mask_info.update(box=list(specs[0].box) if len(specs) == 1 else None,  # type: ignore[arg-type]
+                         prompt_frame=config.prompt_frame)
     elif method == "mask-dir":
         masks = import_mask_dir(config.mask_dir, loaded)[None]  # type: ignore[arg-type]
         mask_info.update(mask_dir=str(Path(config.mask_dir).resolve()))  # type: ignore[arg-type]
@@ -285,9 +288,10 @@ def run_mask(clip: str | Path, output: str | Path | None, config: MaskConfig,
     edits = np.stack([edit_masks(m, config.ellipse) for m in masks])
     edit = edits.max(axis=0)
     overlaps = obj.overlap_report([s.name for s in specs], pairs)
+    rule = "the smaller box" if method == "box" else "the higher SAM2 score"
     for key, pixels in overlaps.items():
         if pixels:
-            progress.log(f"overlap {key}: {pixels} pixels over all frames, each given to the higher SAM2 score")
+            progress.log(f"overlap {key}: {pixels} pixels over all frames, each given to {rule}")
 
     if not existing:
         _lock_workspace(target)
@@ -305,7 +309,7 @@ def run_mask(clip: str | Path, output: str | Path | None, config: MaskConfig,
                      empty_frames=empty, edit_sha256=digest(edit), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                      objects=described)
     ws.update_attrs("masks", **{k: mask_info.get(k) for k in (
-        "method", "ellipse", "sam2", "points", "box", "prompt_frame", "mask_dir", "mask_video",
+        "method", "ellipse", "sam2", "detector", "points", "box", "prompt_frame", "mask_dir", "mask_video",
         "coverage_raw", "coverage_edit", "empty_frames", "edit_sha256", "created", "objects")})
     ws.update_attrs("masks", settings=mask_settings(config, sha256))  # what stages.mask.fresh compares
     if reused and old_masks and old_masks != mask_info["edit_sha256"] and ws.has("inversion"):
@@ -323,6 +327,10 @@ def run_mask(clip: str | Path, output: str | Path | None, config: MaskConfig,
         from stages.mask.preview import preview_objects
 
         shown = preview_objects(frames, [s.name for s in specs], list(masks), list(edits))
+    if method in ("sam2", "box"):  # the points and boxes the masks came from, on the prompt frame
+        from stages.mask.preview import draw_prompts
+
+        shown = draw_prompts(shown, [(s.points, s.box) for s in specs], config.prompt_frame)
     vid.write_gif(preview, shown, loaded.source["fps_out"])
     return {
         "workspace": str(ws.path.resolve()),
@@ -334,7 +342,8 @@ def run_mask(clip: str | Path, output: str | Path | None, config: MaskConfig,
         "fps": loaded.source["fps"],
         "fps_out": loaded.source["fps_out"],
         "mask": {"method": method, "ellipse": bool(config.ellipse), "coverage_raw": coverage_raw,
-                 "coverage_edit": coverage_edit, "empty_frames": empty},
+                 "coverage_edit": coverage_edit, "empty_frames": empty,
+                 **{k: mask_info[k] for k in ("sam2", "detector") if mask_info.get(k)}},
         "objects": described,
         "overlap_pixels": overlaps,
         "preview": str(preview.resolve()),
@@ -347,6 +356,10 @@ def _check_prompt_frame(masks: np.ndarray, specs: Any, pairs: np.ndarray, method
     for k, spec in enumerate(specs):
         if masks[k, frame].any():
             continue
+        if method == "box" and len(specs) > 1:
+            rivals = [specs[j].name for j in range(len(specs)) if j != k and pairs[min(j, k), max(j, k)] > 0]
+            raise InputError(f"object {spec.name!r} is empty: its --box lies under object {rivals[0]!r}'s "
+                             f"(overlaps go to the smaller box); give the objects different boxes")
         if method != "sam2":
             raise InputError(f"the mask on frame {frame} is empty (the given mask is empty); "
                              f"check the prompt coordinates (output pixels) or the masks")

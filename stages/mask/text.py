@@ -49,13 +49,20 @@ def assign_boxes(specs: Sequence[ObjectSpec], candidates: dict[str, list[det.Det
 
 def boxes_from_text(specs: Sequence[ObjectSpec], image: np.ndarray, folder: str | Path, threshold: float,
                     prompt_frame: int, device: str = "auto", progress: Any = None) -> dict[str, det.Detection]:
-    """Detect every --text phrase on `image` (the prompt frame) and assign one box per object."""
+    """Detect every --text phrase on `image` (the prompt frame) and assign one box per object; `folder` is the
+    detector's folder or detector.RANDOM (the tiny untrained one)."""
     phrases = list(dict.fromkeys(spec.text for spec in specs if spec.text is not None))
     if not phrases:
         return {}
-    if progress is not None:
-        progress.log(f"detector: {folder}")
-    model = det.load_detector(folder, device)
+    if folder == det.RANDOM:
+        if progress is not None:
+            progress.log(f"detector: {det.RANDOM_NAME} (untrained Grounding DINO, random weights: its boxes "
+                         f"mean nothing; tests the plumbing only)")
+        model = det.random_detector(phrases, device)
+    else:
+        if progress is not None:
+            progress.log(f"detector: {folder}")
+        model = det.load_detector(folder, device)
     candidates = {phrase: det.detect(model, image, phrase) for phrase in phrases}
     chosen = assign_boxes(specs, candidates, threshold, prompt_frame)
     if progress is not None:

@@ -11,6 +11,7 @@ A phrase is scored per detector query as the highest probability over the phrase
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,6 +28,9 @@ NEEDED = ("config.json", WEIGHT_FILES, ("preprocessor_config.json", "processor_c
 DEFAULT_THRESHOLD = 0.3  # Grounding DINO's usual box threshold is 0.35; a phrase-only score runs a little lower
 DUPLICATE_IOU = 0.5  # candidates overlapping a better one this much are the same detection
 GET = f"run `vd models --get grounding-dino` (about 690 MB), or set {ENV_DETECTOR} to a {DETECTOR_REPO} folder"
+RANDOM = "random"  # --detector random: the tiny untrained detector (random_detector), no weights
+RANDOM_NAME = "tiny-random"  # its name in every output (log, masks attrs, --json)
+RANDOM_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,10 @@ def find_detector(name: str = "auto") -> Path | None:
     return catalog.hub_snapshot(DETECTOR_REPO, NEEDED)
 
 
-def resolve_detector(name: str = "auto") -> Path:
-    """The detector folder to use, or ModelMissingError (exit 4) / InputError saying what to do."""
+def resolve_detector(name: str = "auto") -> Path | str:
+    """The detector folder to use (or RANDOM), else ModelMissingError (exit 4) / InputError saying what to do."""
+    if name == RANDOM:
+        return RANDOM
     found = find_detector(name)
     if found is not None:
         return found
@@ -73,18 +79,25 @@ def resolve_detector(name: str = "auto") -> Path:
                          f"files of {DETECTOR_REPO})")
     where = f" ({ENV_DETECTOR}={os.environ[ENV_DETECTOR]} is incomplete)" if os.environ.get(ENV_DETECTOR) else ""
     raise ModelMissingError(f"Grounding DINO weights for --text not found{where}; {GET}; "
-                            f"or give the object by --box/--point")
+                            f"or give the object by --box/--point (--detector random: untrained, tests only)")
+
+
+def pick_device(device: str = "auto") -> str:
+    """'auto' -> cuda when available, else cpu; UsageError for cuda without a CUDA device."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked but no CUDA device is available")
+    return device
 
 
 def load_detector(folder: str | Path, device: str = "auto") -> Detector:
     """Load the model and its processor from `folder` (no network)."""
-    import torch
     from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked but no CUDA device is available")
+    device = pick_device(device)
     try:
         processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
         model = AutoModelForZeroShotObjectDetection.from_pretrained(str(folder), local_files_only=True)
@@ -147,19 +160,17 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def save_random_detector(folder: str | Path, words: Sequence[str], seed: int = 0) -> Path:
-    """Write a tiny untrained Grounding DINO (Swin + BERT from configs) with a word-level vocabulary to
-    `folder`, loadable by `load_detector`: for tests and plumbing only (its boxes mean nothing)."""
+def _random_parts(vocab_dir: Path, words: Sequence[str], seed: int) -> tuple[Any, Any]:
+    """(model, processor) of a tiny untrained Grounding DINO (Swin + BERT from configs) whose word-level
+    vocabulary (written to vocab_dir/vocab.txt) holds `words`; deterministic in `seed`."""
     import torch
     from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
                               GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."]
     vocab += [w for w in dict.fromkeys(w.lower() for w in words) if w not in vocab]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizer(str(folder / "vocab.txt"))
+    (vocab_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer(str(vocab_dir / "vocab.txt"))
     images = GroundingDinoImageProcessor(size={"shortest_edge": 128, "longest_edge": 128})
     text = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                       intermediate_size=37, max_position_embeddings=64)
@@ -173,9 +184,34 @@ def save_random_detector(folder: str | Path, words: Sequence[str], seed: int = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GroundingDinoForObjectDetection(config).eval()
+    return model, GroundingDinoProcessor(images, tokenizer)
+
+
+def save_random_detector(folder: str | Path, words: Sequence[str], seed: int = 0) -> Path:
+    """Write a tiny untrained Grounding DINO with a word-level vocabulary holding `words` to `folder`, loadable
+    by `load_detector`: for tests and plumbing only (its boxes mean nothing)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model, processor = _random_parts(folder, words, seed)
     model.save_pretrained(str(folder))
-    GroundingDinoProcessor(images, tokenizer).save_pretrained(str(folder))
+    processor.save_pretrained(str(folder))
     return folder
+
+
+def phrase_words(phrases: Sequence[str]) -> list[str]:
+    """The words and punctuation marks of `phrases` as a BERT tokenizer splits them (lower case)."""
+    return [w for p in phrases for w in re.findall(r"\w+|[^\w\s]", p.lower())]
+
+
+def random_detector(phrases: Sequence[str], device: str = "auto", seed: int = RANDOM_SEED) -> Detector:
+    """`--detector random`: the tiny untrained Grounding DINO built in memory with the phrases' words as its
+    vocabulary, seeded, named "tiny-random"; its boxes and scores mean nothing (plumbing only)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="vd-detector-") as tmp:
+        model, processor = _random_parts(Path(tmp), phrase_words(phrases), seed)
+    device = pick_device(device)
+    return Detector(model.to(device), processor, device, RANDOM_NAME)
 
 
 def detector_status() -> dict[str, Any]:

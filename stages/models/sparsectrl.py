@@ -1,5 +1,9 @@
 """AnimateDiff SparseCtrl RGB (`guoyww/animatediff-sparsectrl-rgb`, diffusers SparseControlNetModel) for
-`vd edit --first-frame`: where its weights are, loading them, and a tiny random one for tests.
+`vd edit --first-frame`: where its weights are, loading them, and a tiny random one for the "tiny" spec.
+
+No SparseCtrl weights exist for the tiny model, so a workspace inverted with `--model tiny` gets a random one
+("tiny-random", seeded, untrained: it proves the plumbing, its conditioning means nothing) unless
+$VD_SPARSECTRL names a folder explicitly.
 
 The RGB variant conditions on VAE latents (`use_simplified_condition_embedding`: 4 latent channels plus the
 per-frame condition mask). Its input sample is ignored (diffusers zeroes it), so its residuals depend only on
@@ -19,6 +23,8 @@ from stages.models import catalog
 from stages.models.catalog import ENV_SPARSECTRL, SPARSECTRL_GET, SPARSECTRL_REPO, TARGETS
 
 NAME = "sparsectrl-rgb"  # the `vd models --get` target
+RANDOM = "tiny-random"  # the name of the random SparseCtrl in every output (attrs, --json, logs)
+RANDOM_SEED = 0
 HINT = f"vd models --get {NAME}, or {SPARSECTRL_GET}"
 _WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
             "diffusion_pytorch_model.bin")
@@ -68,6 +74,21 @@ def tiny_sparsectrl(seed: int = 0) -> Any:
                     if mod.bias is not None:
                         mod.bias.zero_()
     return model.eval().requires_grad_(False)
+
+
+def uses_random(spec: str | None) -> bool:
+    """Whether an edit of a workspace inverted with model `spec` gets the tiny random SparseCtrl: the "tiny"
+    spec (no weights fit it) without an explicit $VD_SPARSECTRL."""
+    return spec == "tiny" and not os.environ.get(ENV_SPARSECTRL)
+
+
+def random_sparsectrl(models: Any, seed: int = RANDOM_SEED) -> SparseCtrl:
+    """The tiny random SparseCtrl (`tiny_sparsectrl(seed)`) on the models' device, named "tiny-random"."""
+    import torch
+
+    dtype = next(models.unet.parameters()).dtype if models.device.type == "cuda" else torch.float32
+    model = tiny_sparsectrl(seed).to(device=models.device, dtype=dtype)  # as load_sparsectrl places it
+    return SparseCtrl(model, RANDOM, f"sparsectrl-{RANDOM}-seed{seed}")
 
 
 # ------------------------------------------------------------------------------------------ locating

@@ -60,7 +60,8 @@ def mask(
         help="Without --object: the phrase of the one object (\"brown bear\"); it is stored as object "
              "brown_bear (default name: object).", rich_help_panel=_OBJ)] = None,
     detector: Annotated[str, typer.Option(help="Grounding DINO for --text: auto ($VD_GROUNDING_DINO or the "
-                                               "Hugging Face cache) or a folder.", rich_help_panel=_OBJ)] = "auto",
+                                               "Hugging Face cache), a folder, or random (untrained tiny one, "
+                                               "named tiny-random; tests only).", rich_help_panel=_OBJ)] = "auto",
     text_threshold: Annotated[float, typer.Option(help="Least detector score a --text box needs (0..1].",
                                                   rich_help_panel=_OBJ)] = 0.3,
     prompt_frame: Annotated[int, typer.Option(help="Frame (0-based, among the kept frames) the prompts refer to.",
@@ -72,7 +73,9 @@ def mask(
     mask_video: Annotated[Optional[str], typer.Option(help="Import masks from a video decoded like the clip.",
                                                       rich_help_panel=_MK)] = None,
     box_only: Annotated[bool, typer.Option("--box-only", help="Use the --box rectangle itself on every frame "
-                                                              "(no SAM2).", rich_help_panel=_MK)] = False,
+                                                              "(no SAM2); with --object, each object's own --box "
+                                                              "(every object needs one).",
+                                           rich_help_panel=_MK)] = False,
     no_ellipse: Annotated[bool, typer.Option("--no-ellipse", help="masks/edit = raw mask (skip the ellipse union).",
                                              rich_help_panel=_MK)] = False,
     device: Annotated[str, typer.Option(help="SAM2 (and --text detector) device: auto, cpu or cuda.",
