@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Stage entry points in data-flow order; a stage may import only stages with a smaller rank.
-STAGE_RANK = {"mask": 1, "invert": 2, "edit": 3, "evaluate": 4, "info": 5, "batch": 6, "demo": 6}
+STAGE_RANK = {"mask": 1, "invert": 2, "edit": 3, "export": 3.5, "evaluate": 4, "info": 5, "batch": 6, "demo": 6}
 # The lower layer's packages and what each may import besides common and itself.
 LOWER = {"io": set(), "method": set(), "models": {"io"}, "quality": {"io"}}
 
