@@ -6,7 +6,7 @@ import importlib
 
 from vdcli.common import app
 
-COMMANDS = ["mask", "info", "models", "invert", "edit", "eval", "demo", "batch"]
+COMMANDS = ["mask", "info", "models", "invert", "edit", "export", "eval", "demo", "batch", "ui"]
 
 for _name in COMMANDS:
     try:
