@@ -1,5 +1,6 @@
 """Regenerate the pictures of the docs (docs/img/): run `vd demo` with the tiny model in a temporary
-folder, then draw the source | mask | edit strip, copy the mask and edit previews, and chart the
+folder, then draw the source | mask | edit strip, copy the mask and edit previews; run mask -> invert ->
+edit -> export on a generated 320x180 clip for the source | workspace edit | export strip; and chart the
 predicted memory of each stage at 16 x 512x512 bf16 from the measured memory model.
 
     .venv/bin/python docs/make_pictures.py [--out docs/img]
@@ -62,6 +63,38 @@ def strip(ws: Workspace, edit: str) -> Image.Image:
     return out
 
 
+def export_strip(folder: Path, vd: Path) -> Image.Image:
+    """Source (320x180) | the workspace's 128x128 edit | the export at the source's size, first frame,
+    made by the real commands in separate processes with the tiny model."""
+    from stages.io.synthetic import moving_disc
+    from stages.io.video import write_mp4
+
+    video, mask = moving_disc(8, 180, 320, seed=3)
+    clip = write_mp4(folder / "wide.mp4", video, 24.0)
+    masks = folder / "wide_masks"
+    masks.mkdir()
+    for i, m in enumerate(mask):
+        Image.fromarray((np.asarray(m) > 0).astype(np.uint8) * 255).save(masks / f"{i:05d}.png")
+    ws = folder / "wide.vd"
+    run = lambda *args: subprocess.run([str(vd), *map(str, args), "-q"], check=True, capture_output=True)  # noqa: E731
+    run("mask", clip, "-o", ws, "--frames", 8, "--size", 128, "--mask-dir", masks)
+    run("invert", ws, "--prompt", "a red ball rolling across a patterned floor", "--subject", "red ball",
+        "--model", "tiny", "--steps", 6, "--null-steps", 2)
+    run("edit", ws, "--prompt", "blue cube", "--name", "blue")
+    run("export", ws, "--edit", "blue", "--codec", "png", "-o", folder / "export")
+    first_source = Image.fromarray(video[0])
+    edit = Image.fromarray(Workspace.open(ws).read("edits/blue/frames")[0]).resize((180, 180), Image.NEAREST)
+    exported = Image.open(folder / "export" / "000000.png").convert("RGB")
+    cells = [labelled(np.asarray(first_source), "source 320x180"), labelled(np.asarray(edit), "workspace edit 128x128"),
+             labelled(np.asarray(exported), "export 320x180 (tiny: noise)")]
+    out = Image.new("RGB", (sum(c.width for c in cells) + 8, cells[0].height), "white")
+    x = 0
+    for c in cells:
+        out.paste(c, (x, 0))
+        x += c.width + 4
+    return out
+
+
 def memory_chart(frames: int = 16, size: int = 512, card_gib: float = 12.0) -> Image.Image:
     """Bars of the predicted peak per stage and checkpointing level (bf16 on CUDA), with a card line."""
     bars = [(f"{stage} {'blocks' if ckpt else 'off'}", predict_stage_peak(stage, frames, size, size, "bf16", ckpt) / GIB)
@@ -99,6 +132,7 @@ def main() -> None:
         strip(ws, "blue").save(args.out / "strip.png")
         shutil.copyfile(Path(result["workspace"]) / "masks" / "preview.gif", args.out / "mask-preview.gif")
         shutil.copyfile(Path(result["workspace"]) / "edits" / "blue" / "preview.gif", args.out / "edit-preview.gif")
+        export_strip(Path(tmp), vd).save(args.out / "export.png")
     memory_chart().save(args.out / "memory.png")
     print(args.out)
 
