@@ -6,9 +6,22 @@ PIP := $(VENV)/bin/pip
 VD := $(VENV)/bin/vd
 DEMO ?= demo
 
-.PHONY: install demo test bench bench-full bench-memory clean mutation
+.PHONY: install chromium demo test docs docs-serve bench bench-full bench-memory bench-gpu clean mutation
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed chromium
+
+# Debian's Chromium for tests/test_ui_browser.py (Playwright drives it; no browser is downloaded). Idempotent:
+# nothing happens when /usr/bin/chromium exists; as root (CI) apt installs it, otherwise a note says how.
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver \
+			|| { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }; \
+		else \
+			echo "note: /usr/bin/chromium is missing, so tests/test_ui_browser.py will skip; as root run:" \
+			     "apt-get install -y chromium chromium-driver"; \
+		fi; \
+	fi
 
 # torch first (on these machines pip takes torch/torchvision from local disk), then sam2 without its
 # optional CUDA extension (it builds against the torch already installed), then vd itself.
@@ -36,6 +49,12 @@ bench-full: install
 bench-memory: install
 	OMP_NUM_THREADS=1 $(PY) bench/memory.py --real-check
 
+# The full-size inversion (sd15-random, 16 frames, 512 px, bf16) under each --checkpointing level on one GPU:
+# measured vs predicted peak, s/step, memory outside torch, equality of results, appended to bench/RESULTS.md
+# (under 8 minutes on one H100). Needs the venv only (not `install`'s browser for the UI tests).
+bench-gpu: $(VENV)/.installed
+	$(PY) bench/gpu.py
+
 clean:
 	rm -rf $(DEMO) .pytest_cache
 
@@ -51,3 +70,11 @@ mutation: install
 	tar --exclude=./.venv --exclude=./.git --exclude=./build --exclude=./$(DEMO) -cf - . | tar -xf - -C $(MUTDIR)
 	cd $(MUTDIR) && PATH="$(abspath $(VENV))/bin:$$PATH" mutmut run $(foreach m,$(MUTANTS),'$(m)'); \
 		PATH="$(abspath $(VENV))/bin:$$PATH" mutmut results | grep -v ': not checked' || true
+
+# The documentation site (docs/, mkdocs.yml) into build/site; --strict turns a broken link or a page
+# missing from the nav into an error (tests/test_docs.py runs the same build in the suite).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve

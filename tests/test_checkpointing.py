@@ -183,6 +183,22 @@ def test_auto_turns_blocks_on_when_the_grad_passes_do_not_fit(table):
         choose("sometimes", plan)
 
 
+def test_auto_looks_only_at_the_passes_the_method_backpropagates(table):
+    """Negative prompt has no null-text pass (STDG: 1 + 2 + 16 = 19 GiB), direct inversion no backward at all."""
+    from stages.invert.checkpointing import grad_passes, invert_plan
+
+    null_text = invert_plan(InvertConfig(prompt="p", model="sd15-animatediff-v3", window=16), 16, 512, 512, "cuda:0", "bf16")
+    negative = invert_plan(InvertConfig(prompt="p", model="sd15-animatediff-v3", window=16, method="negative-prompt"),
+                           16, 512, 512, "cuda:0", "bf16")
+    direct = InvertConfig(prompt="p", model="sd15-animatediff-v3", window=16, method="direct")
+    assert (null_text.grad_passes, negative.grad_passes, grad_passes(direct)) == (("stdg", "null_text"), ("stdg",), ())
+    available = 19 * GIB + 1  # the STDG pass fits, null text (1 + 3 + 16 = 20 GiB) does not
+    assert choose("auto", null_text, available=available).mode == "blocks"
+    assert choose("auto", negative, available=available).mode == "off"
+    none = choose("auto", invert_plan(direct, 16, 512, 512, "cuda:0", "bf16"), available=0)
+    assert none.mode == "off" and "nothing backpropagates" in none.reason
+
+
 def test_auto_without_a_measured_table_stays_off(monkeypatch):
     monkeypatch.setattr(memory, "COEFFICIENTS", {"bf16": {}, "fp32": {}})
     plan = MemoryPlan("invert", 16, 512, 512, "bf16", window=16, model="sd15-animatediff-v3", device="cuda:0")

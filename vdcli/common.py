@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import traceback
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -57,6 +57,17 @@ app = typer.Typer(
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable results (JSON) on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or status output on stderr.")]
+# `--dry-run` planning (vd invert, vd edit; stages.invert.plan.plan_inputs checks them)
+PlanForOpt = Annotated[Optional[str], typer.Option(
+    "--plan-for", metavar="12GB|16GB|24GB|40GB|80GB|<N>GiB", rich_help_panel="Runtime",
+    help="With --dry-run, from any machine: plan for a GPU of this size (CUDA, bf16 unless --dtype): peak per "
+         "pass, whether it fits, a time estimate.")]
+PlanFramesOpt = Annotated[Optional[int], typer.Option(
+    "--frames", metavar="N", rich_help_panel="Runtime",
+    help="With --dry-run: plan for a clip of N frames (with --size: no workspace needed).")]
+PlanSizeOpt = Annotated[Optional[str], typer.Option(
+    "--size", metavar="N|WxH", rich_help_panel="Runtime",
+    help="With --dry-run: plan for frames of this size, e.g. 512 or 768x512.")]
 
 
 def fail(message: str, code: int) -> None:

@@ -54,9 +54,11 @@ def grad_peak(plan: MemoryPlan, checkpointing: bool) -> int | None:
     """Predicted peak bytes of the heavier grad pass (STDG or null text) for `plan`, None when not modelled."""
     if plan.model in UNMODELLED:
         return None
+    if not plan.grad_passes:
+        return 0  # nothing backpropagates (direct inversion, negative prompt without STDG)
     try:
         return max(memory.predict_peak(p, plan.per_call(), plan.height, plan.width, plan.dtype, checkpointing)
-                   for p in memory.GRAD_PASSES)
+                   for p in plan.grad_passes)
     except ValueError:
         return None
 
@@ -71,6 +73,8 @@ def choose(requested: str, plan: MemoryPlan, available: int | None = None) -> Ch
         return Choice(requested, requested, f"--checkpointing {requested}")
     if not plan.device.startswith("cuda"):
         return Choice(requested, "off", "auto: off on the CPU")
+    if not plan.grad_passes:
+        return Choice(requested, "off", "auto: off (nothing backpropagates in this inversion)")
     need = grad_peak(plan, False)
     if need is None:
         return Choice(requested, "off", f"auto: off (no memory prediction for --model {plan.model or '?'} "
@@ -149,10 +153,18 @@ def checkpointed_blocks(unet: Any, controller: Any = None, enabled: bool = True)
             del block.forward  # back to the class's forward
 
 
+def grad_passes(cfg: Any) -> tuple[str, ...]:
+    """The passes of this inversion that backpropagate: direct inversion has none, negative-prompt no null
+    text, --no-stdg no STDG gradient (store_components computes it anyway)."""
+    stdg = (any(cfg.coefficients()) or cfg.store_components) and cfg.method != "direct"
+    null = cfg.method == "null-text" and int(cfg.null_steps) > 0
+    return (("stdg",) if stdg else ()) + (("null_text",) if null else ())
+
+
 def invert_plan(cfg: Any, frames: int, height: int, width: int, device: str, dtype: str) -> MemoryPlan:
     """The inversion's MemoryPlan (dtype a canonical name: fp32 on the CPU, the compute dtype on a GPU)."""
     return MemoryPlan("invert", int(frames), int(height), int(width), dtype, int(cfg.window), False,
-                      str(cfg.model), device)
+                      str(cfg.model), device, grad_passes(cfg))
 
 
 def models_dtype(models: Any) -> str:

@@ -11,7 +11,14 @@ Model, per pass and dtype (and checkpointing for the passes that backpropagate):
 with r = latent tokens / 4096 (4096 = 64 x 64, a 512x512 clip) and F the frames of one call (the
 window for the UNet passes, the clip for the VAE). "bf16" is a GPU run (UNet in bf16 under autocast, VAE
 and text encoder in float32, as load_models places them); fp16 has the same sizes. Not included: the CUDA
-context and the cuBLAS/cuDNN workspaces (outside torch's allocator statistics).
+context and the cuBLAS/cuDNN workspaces (outside torch's allocator statistics): planning for a GPU
+(`--plan-for`) subtracts CUDA_CONTEXT_ALLOWANCE from the card's memory for them.
+
+"bf16-cpu" (CPU_AUTOCAST) is a CPU run with --dtype bf16/fp16: load_models keeps the UNet in float32 on the
+CPU and CPU autocast computes in bf16. Predicted as the bf16 rows' activations (an upper bound: CPU
+autocast keeps group_norm/layer_norm in the input dtype, CUDA autocast upcasts them) + float32 weights + in
+the grad passes a bf16 copy of the UNet weights (autocast's casts, which the backward keeps); two small real
+CPU points of the null-text pass came out 2.6% and 3.8% below it (bench/RESULTS.md, 2026-12-06).
 """
 
 from __future__ import annotations
@@ -25,7 +32,12 @@ STAGE_PASSES = {"invert": ("vae_encode", "ddim", "stdg", "null_text", "vae_decod
 REF_TOKENS = 64 * 64
 GIB = 1 << 30
 _DTYPES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "bf16",
-           "float16": "bf16", "half": "bf16"}
+           "float16": "bf16", "half": "bf16", "bf16-cpu": "bf16-cpu"}
+CPU_AUTOCAST = "bf16-cpu"  # a CPU run under bf16/fp16 autocast: float32 UNet weights, bf16 activations
+LEVELS = ("off", "blocks")  # checkpointing levels of the grad passes, cheapest in time first
+# device memory a CUDA process uses outside torch's allocator (the CUDA context with its kernels, cuBLAS/cuDNN
+# workspaces): an assumption (typically 0.3-0.6 GiB), not measured here; bench/gpu.py records the real figure
+CUDA_CONTEXT_ALLOWANCE = GIB // 2
 
 # --- measured by bench/memory.py (CPU, fake-tensor measurement, 2026-12-03; bench/RESULTS.md); refresh by
 # --- pasting the block it prints
@@ -66,7 +78,7 @@ def canonical_dtype(dtype: str) -> str:
 def weight_bytes(dtype: str, weights: Mapping[str, int] | None = None) -> int:
     """Bytes of the three models on the device: the UNet in `dtype`, VAE and text encoder in float32."""
     elements = WEIGHT_ELEMENTS if weights is None else weights
-    unet_bytes = 4 if canonical_dtype(dtype) == "fp32" else 2
+    unet_bytes = 4 if canonical_dtype(dtype) in ("fp32", CPU_AUTOCAST) else 2
     return int(elements["unet"]) * unet_bytes + (int(elements["vae"]) + int(elements["text"])) * 4
 
 
@@ -85,7 +97,7 @@ def predict_peak(pass_name: str, frames: int, height: int, width: int, dtype: st
     if int(height) < 8 or int(width) < 8:
         raise ValueError(f"height and width must be at least 8 pixels, got {height}x{width}")
     dt = canonical_dtype(dtype)
-    rows = (COEFFICIENTS if table is None else table).get(dt) or {}
+    rows = (COEFFICIENTS if table is None else table).get("bf16" if dt == CPU_AUTOCAST else dt) or {}
     key = f"{pass_name}+blocks" if checkpointing and pass_name in GRAD_PASSES else pass_name
     if key not in rows:
         raise ValueError(f"no measured coefficients for {key} in {dt}; run bench/memory.py")
@@ -95,7 +107,10 @@ def predict_peak(pass_name: str, frames: int, height: int, width: int, dtype: st
     n = int(frames) if chunk is None else min(int(frames), int(chunk))
     act = sum(c.get(term, 0) * r ** c.get(f"{term}_exp", 1.0) * times
               for term, times in (("const", 1), ("per_frame", n), ("per_clip_frame", int(frames))))
-    return weight_bytes(dt, weights) + max(int(round(act)), 0)
+    copies = 0
+    if dt == CPU_AUTOCAST and pass_name in GRAD_PASSES:  # bf16 casts of the float32 UNet weights, kept for backward
+        copies = int((WEIGHT_ELEMENTS if weights is None else weights)["unet"]) * 2
+    return weight_bytes(dt, weights) + copies + max(int(round(act)), 0)
 
 
 def predict_stage_peak(stage: str, frames: int, height: int, width: int, dtype: str = "bf16",
@@ -107,3 +122,40 @@ def predict_stage_peak(stage: str, frames: int, height: int, width: int, dtype: 
     per_call = min(int(frames), int(window)) if window else int(frames)
     return max(predict_peak(p, frames if p.startswith("vae") else per_call, height, width, dtype, checkpointing)
                for p in STAGE_PASSES[stage])
+
+
+def predict_passes(passes: tuple[str, ...] | list[str], frames: int, height: int, width: int, dtype: str = "bf16",
+                   window: int | None = None) -> dict[str, dict[str, int]]:
+    """{pass: {level: bytes}} for `passes` of a clip of `frames` frames (UNet passes see min(frames, window)
+    frames, the VAE passes the whole clip); a grad pass has a figure per checkpointing level (LEVELS), the
+    others only "off". Raises ValueError like predict_peak."""
+    per_call = min(int(frames), int(window)) if window else int(frames)
+    out: dict[str, dict[str, int]] = {}
+    for name in passes:
+        n = int(frames) if name.startswith("vae") else per_call
+        levels = LEVELS if name in GRAD_PASSES else LEVELS[:1]
+        out[name] = {level: predict_peak(name, n, height, width, dtype, level != "off") for level in levels}
+    return out
+
+
+def peak_by_level(rows: Mapping[str, Mapping[str, int | None]]) -> dict[str, int | None]:
+    """The stage peak per checkpointing level from predict_passes' rows (a pass without a figure for a level
+    runs as "off" there); None where a pass has no prediction."""
+    out: dict[str, int | None] = {}
+    for level in LEVELS:
+        values = [row.get(level, row.get("off")) for row in rows.values()]
+        out[level] = max(values) if values and all(v is not None for v in values) else None  # type: ignore[type-var]
+    return out
+
+
+def largest_window(passes: tuple[str, ...] | list[str], height: int, width: int, usable: int, dtype: str = "bf16",
+                   level: str = "off", max_frames: int = 32) -> int:
+    """The most frames per UNet call (one window, the clip that long) whose stage peak at `level` stays within
+    `usable` bytes; 0 when not even one frame fits."""
+    best = 0
+    for frames in range(1, int(max_frames) + 1):  # peaks grow with frames (per-frame terms >= 0)
+        rows = predict_passes(passes, frames, height, width, dtype)
+        if max(row.get(level, row["off"]) for row in rows.values()) > usable:
+            break
+        best = frames
+    return best

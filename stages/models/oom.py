@@ -36,6 +36,7 @@ class MemoryPlan:
     checkpointing: bool = False
     model: str = ""
     device: str = ""  # where it runs ("cuda:0", "cpu"); "" when unknown
+    grad_passes: tuple[str, ...] = ("stdg", "null_text")  # the backpropagating passes this run has
 
     def need(self) -> int | None:
         """Predicted peak bytes of the stage's heaviest pass, or None when it is not modelled."""

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from vdcli.common import JsonOpt, QuietOpt, app, run
+from vdcli.common import JsonOpt, PlanForOpt, PlanFramesOpt, PlanSizeOpt, QuietOpt, app, run
 
 _IN, _METHOD, _OUT, _RUN = "Input", "Method", "Output", "Runtime"
 
@@ -58,8 +58,9 @@ def edit_settings(line: str) -> dict[str, Any]:
 
 @app.command("edit")
 def edit_command(
-    workspace: Annotated[Path, typer.Argument(metavar="WS", show_default=False,
-                                              help="Workspace with a finished inversion (vd invert).")],
+    workspace: Annotated[Optional[Path], typer.Argument(
+        metavar="WS", show_default=False,
+        help="Workspace with a finished inversion (vd invert); not needed by --dry-run --frames N --size WxH.")] = None,
     prompt: Annotated[Optional[str], typer.Option(
         "--prompt", "-p", metavar="TEXT", rich_help_panel=_IN,
         help="Full target prompt, or a short phrase that replaces the workspace's subject "
@@ -105,10 +106,12 @@ def edit_command(
                                           help="Do not apply the stored STDG guidance.")] = False,
     layout_steps: Annotated[Optional[float], typer.Option(
         "--layout-steps", rich_help_panel=_METHOD,
-        help="Regions: fraction of steps with the cross-attention layout bias (0 = off). (default 0.3)")] = None,
+        help="Regions: fraction of the first steps with VideoGrain's layout modulation (0 = off). "
+             "(default 0.3)")] = None,
     layout_strength: Annotated[Optional[float], typer.Option(
         "--layout-strength", rich_help_panel=_METHOD,
-        help="Regions: lambda of the layout bias lambda (1 - area) t/1000. (default 2.5)")] = None,
+        help="Regions: multiplier of the layout modulation's lambdas (1.0 cross-, 0.3 self-attention; "
+             "0 = off, at most 100). (default 1.0)")] = None,
     no_region_blend: Annotated[bool, typer.Option(
         "--no-region-blend", rich_help_panel=_METHOD,
         help="Regions: no local blend per object (unedited objects are then not pinned to the source).")] = False,
@@ -131,6 +134,13 @@ def edit_command(
                                         help="Replace an existing edit of the same name.")] = False,
     device: Annotated[str, typer.Option("--device", rich_help_panel=_RUN, help="auto, cpu or cuda[:N].")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", rich_help_panel=_RUN, help="auto, fp32, fp16 or bf16.")] = "auto",
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", rich_help_panel=_RUN,
+        help="Print the predicted peak memory and an estimate of the time per step; loads no weights, writes "
+             "nothing.")] = False,
+    plan_for: PlanForOpt = None,
+    plan_frames: PlanFramesOpt = None,
+    plan_size: PlanSizeOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -144,7 +154,14 @@ def edit_command(
         from stages.common.config import build_config, options, preset_section
         from stages.common.errors import UsageError
         from stages.io.workspace import Workspace
+        from stages.invert.plan import plan_inputs
 
+        target, plan_n, plan_hw = plan_inputs(workspace is not None, dry_run, plan_for, plan_frames, plan_size)
+        if dry_run:
+            from stages.edit.plan import plan_edit_run
+
+            return plan_edit_run(Workspace.open(workspace) if workspace is not None else None, device, dtype,
+                                 target, plan_n, plan_hw, first_frame is not None, bool(region))
         given = (prompt is not None) + (prompt_file is not None) + bool(region)
         if given > 1 or (given == 0 and first_frame is None):
             raise UsageError("give exactly one of --prompt TEXT, --prompt-file FILE or --region NAME=PHRASE")
@@ -191,7 +208,13 @@ def edit_command(
             return results[0]
         return {"edits": results}
 
-    run(work, json_out, quiet, _print_human)
+    run(work, json_out, quiet, _print_plan if dry_run else _print_human)
+
+
+def _print_plan(result: dict[str, Any]) -> None:
+    from stages.edit.plan import format_edit_plan
+
+    print(format_edit_plan(result), flush=True)
 
 
 def _print_human(result: dict[str, Any]) -> None:

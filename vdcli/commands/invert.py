@@ -7,15 +7,16 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from vdcli.common import JsonOpt, QuietOpt, app, run
+from vdcli.common import JsonOpt, PlanForOpt, PlanFramesOpt, PlanSizeOpt, QuietOpt, app, run
 
 _IN, _MODEL, _METHOD, _RUN = "Input", "Model", "Method", "Runtime"
 
 
 @app.command("invert")
 def invert_command(
-    workspace: Annotated[Path, typer.Argument(metavar="WS", show_default=False,
-                                              help="Workspace made by `vd mask` (frames + masks).")],
+    workspace: Annotated[Optional[Path], typer.Argument(
+        metavar="WS", show_default=False,
+        help="Workspace made by `vd mask` (frames + masks); not needed by --dry-run --frames N --size WxH.")] = None,
     prompt: Annotated[Optional[str], typer.Option(
         "--prompt", "-p", metavar="TEXT", rich_help_panel=_IN,
         help="Description of the SOURCE video, e.g. \"A brown bear, walking on rocky terrain\". "
@@ -23,7 +24,7 @@ def invert_command(
     subject: Annotated[Optional[str], typer.Option(
         "--subject", metavar="TEXT", rich_help_panel=_IN,
         help="The words of the prompt naming the edited subject (\"brown bear\"); `vd edit --prompt tiger` "
-             "replaces them.")] = None,
+             "replaces them. Changing it on a stored inversion keeps the inversion.")] = None,
     negative_prompt: Annotated[Optional[str], typer.Option(
         "--negative-prompt", metavar="TEXT", rich_help_panel=_IN,
         help="Initialises the null text (and the plain-DDIM comparison). \\[default: \"\"]")] = None,
@@ -59,9 +60,9 @@ def invert_command(
              "checked by `vd edit --background`. \\[default: foreground]")] = None,
     no_stdg: Annotated[bool, typer.Option("--no-stdg", rich_help_panel=_METHOD,
                                           help="No STDG (plain multi-frame null-text inversion).")] = False,
-    shared_null: Annotated[bool, typer.Option(
-        "--shared-null", rich_help_panel=_METHOD, help="One null text for all frames (car_turn) instead of one "
-                                                      "per frame.")] = False,
+    shared_null: Annotated[Optional[bool], typer.Option(
+        "--shared-null/--no-shared-null", rich_help_panel=_METHOD, show_default=False,
+        help="One null text for all frames (car_turn) instead of one per frame. \\[default: off]")] = None,
     schedule: Annotated[Optional[str], typer.Option(
         "--schedule", rich_help_panel=_METHOD,
         help="vd (one consistent grid) or reference (the reference code's grids and t-20 rule, for "
@@ -72,12 +73,14 @@ def invert_command(
         "--per-frame-groupnorm/--no-per-frame-groupnorm", rich_help_panel=_MODEL, show_default=False,
         help="Motion-module GroupNorm per frame like the original AnimateDiff (default) or across frames "
              "like diffusers.")] = None,
-    store_components: Annotated[bool, typer.Option(
-        "--store-components", rich_help_panel=_METHOD,
-        help="Also store the four STDG gradient terms per step (4 extra backward passes per step).")] = False,
-    plain: Annotated[bool, typer.Option(
-        "--plain", rich_help_panel=_METHOD,
-        help="Run the method step by step as the reference does (4x GT/grad passes; benchmark baseline).")] = False,
+    store_components: Annotated[Optional[bool], typer.Option(
+        "--store-components/--no-store-components", rich_help_panel=_METHOD, show_default=False,
+        help="Also store the four STDG gradient terms per step (4 extra backward passes per step). "
+             "\\[default: off]")] = None,
+    plain: Annotated[Optional[bool], typer.Option(
+        "--plain/--no-plain", rich_help_panel=_METHOD, show_default=False,
+        help="Run the method step by step as the reference does (4x GT/grad passes; benchmark baseline). "
+             "\\[default: off]")] = None,
     compare_ddim: Annotated[bool, typer.Option(
         "--compare-ddim", rich_help_panel=_RUN,
         help="Also report plain DDIM (CFG, negative prompt) reconstruction PSNR (S extra batch-2 forwards).")] = False,
@@ -89,7 +92,8 @@ def invert_command(
         help="Frames shared by neighbouring windows (less than --window). \\[default: 4]")] = None,
     restart: Annotated[bool, typer.Option(
         "--restart", rich_help_panel=_RUN,
-        help="Discard a stored (finished or partial) inversion and start over.")] = False,
+        help="Discard a stored (finished or partial) inversion and start over, with its stored settings unless "
+             "flags override them. Edits made from the old inversion become stale (`vd info` lists them).")] = False,
     device: Annotated[str, typer.Option("--device", rich_help_panel=_RUN, help="auto, cpu or cuda[:N].")] = "auto",
     checkpointing: Annotated[Optional[str], typer.Option(
         "--checkpointing", metavar="off|blocks|auto", rich_help_panel=_RUN,
@@ -100,6 +104,9 @@ def invert_command(
         "--dry-run", rich_help_panel=_RUN,
         help="Print the predicted peak memory per pass and an estimate of the time per step; loads no "
              "weights, writes nothing.")] = False,
+    plan_for: PlanForOpt = None,
+    plan_frames: PlanFramesOpt = None,
+    plan_size: PlanSizeOpt = None,
     dtype: Annotated[Optional[str], typer.Option(
         "--dtype", rich_help_panel=_RUN,
         help="auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16. \\[default: auto]")] = None,
@@ -131,26 +138,30 @@ def invert_command(
             raise UsageError("--stdg and --no-stdg contradict each other")
         if prompt is not None and not prompt.strip():
             raise UsageError("--prompt must not be empty: describe the source video")
-        ws = Workspace.open(workspace)
+        from stages.invert.plan import config_without_workspace, plan_inputs
+
+        target, plan_n, plan_hw = plan_inputs(workspace is not None, dry_run, plan_for, plan_frames, plan_size)
+        ws = Workspace.open(workspace) if workspace is not None else None
         flags: dict[str, Any] = {
             "prompt": prompt, "subject": subject, "negative_prompt": negative_prompt, "model": model,
             "steps": steps, "cfg": cfg_scale, "null_steps": null_steps, "stdg": coefficients, "region": region,
             "method": method,
             "use_stdg": False if no_stdg else (True if coefficients is not None else None),
-            "shared_null": shared_null or None, "schedule": schedule, "seed": seed,
-            "per_frame_groupnorm": per_frame_groupnorm, "store_components": store_components or None,
-            "plain": plain or None, "compare_ddim": compare_ddim or None, "device": device, "dtype": dtype,
+            "shared_null": shared_null, "schedule": schedule, "seed": seed,
+            "per_frame_groupnorm": per_frame_groupnorm, "store_components": store_components,
+            "plain": plain, "compare_ddim": compare_ddim or None, "device": device, "dtype": dtype,
             "restart": restart or None, "preset": preset, "window": window, "overlap": overlap,
             "checkpointing": checkpointing,
         }
         section = preset_section(preset, "invert")
-        cfg = resolve_config(ws, section, options(flags))
+        cfg = resolve_config(ws, section, options(flags)) if ws is not None else \
+            config_without_workspace(section, options(flags))
         if region is not None and coefficients is None and "stdg" not in section:
             cfg.stdg = None  # --region alone picks that region's default coefficients
         if dry_run:
             from stages.invert.plan import plan_invert
 
-            return plan_invert(ws, cfg)
+            return plan_invert(ws, cfg, target, plan_n, plan_hw)
         return run_invert(ws, cfg, progress)
 
     run(work, json_out, quiet, _print_plan if dry_run else _print_human)
