@@ -28,6 +28,7 @@ def run_info(path: str | Path) -> dict[str, Any]:
         "source": {k: source.get(k) for k in ("path", "sha256", "fps", "fps_out", "frames", "size", "start",
                                                "stride", "fps_sample", "sample", "resize", "indices")
                    if k in source},
+        "geometry": geometry_of(source),
         "video": _video(ws),
         "masks": _masks(ws),
         "inversion": _inversion(ws),
@@ -39,6 +40,44 @@ def run_info(path: str | Path) -> dict[str, Any]:
     sizes["total"] = ws.size_bytes()
     result["sizes"] = sizes
     return result
+
+
+def geometry_of(source: dict[str, Any]) -> dict[str, Any] | None:
+    """How the workspace sits on its source (what `vd export` inverts): source and workspace size, resize
+    mode, scale, the source box the workspace covers (crop) or where the picture sits in it (pad), and the
+    span of source frames. None for a workspace that records no source size."""
+    from stages.io.video import fit_geometry
+    from stages.method.composite import Geometry
+
+    try:
+        src = tuple(int(v) for v in source["source_size"])
+        size = tuple(int(v) for v in source["size"])
+        mode = str(source.get("resize") or "crop")
+        scaled, offset = fit_geometry(src, size, mode)  # type: ignore[arg-type]
+    except Exception:  # an old or hand-made workspace: nothing to show
+        return None
+    geom = Geometry(src, size, mode, tuple(scaled), tuple(offset))  # type: ignore[arg-type]
+    out = geom.describe()
+    if mode == "pad":
+        out["pad_box"] = {"x": offset[1], "y": offset[0], "width": scaled[1], "height": scaled[0]}
+    out["span"] = _span(source)
+    return out
+
+
+def _span(source: dict[str, Any]) -> dict[str, Any] | None:
+    """First and last source frame, stride and count (`indices` when recorded, else start and stride)."""
+    indices = source.get("indices")
+    frames = source.get("frames")
+    start, stride = int(source.get("start") or 0), int(source.get("stride") or 1)
+    if isinstance(indices, list) and indices:
+        steps = {b - a for a, b in zip(indices, indices[1:])}
+        step = steps.pop() if len(steps) == 1 else None
+        return {"start": int(indices[0]), "end": int(indices[-1]), "stride": step if len(indices) > 1 else stride,
+                "frames": len(indices), "fps_sample": source.get("fps_sample")}
+    if not isinstance(frames, int):
+        return None
+    return {"start": start, "end": start + (frames - 1) * stride, "stride": stride, "frames": frames,
+            "fps_sample": source.get("fps_sample")}
 
 
 def _safe(fn: Any) -> Any:
@@ -275,6 +314,7 @@ def format_info(info: dict[str, Any]) -> list[str]:
         lines.append(f"frames     {src.get('frames', '?')} x {size[1]}x{size[0]} ({src.get('resize', '?')}), "
                      f"indices {_short_list(src.get('indices'))}, "
                      f"fps {_num(src.get('fps'))} -> {_num(fps_out)}")
+    lines += _geometry_lines(info.get("geometry"))
     video = info.get("video")
     lines.append(f"video      {'missing' if not video else video.get('error') or video.get('shape')}")
     masks = info.get("masks")
@@ -327,6 +367,32 @@ def format_info(info: dict[str, Any]) -> list[str]:
             lines.append(f"eval       {entry.get('name')}: {shown}{stale}")
     sizes = info.get("sizes") or {}
     lines.append("disk       " + ", ".join(f"{k} {human_size(v)}" for k, v in sizes.items()))
+    return lines
+
+
+def _geometry_lines(geom: dict[str, Any] | None) -> list[str]:
+    """`vd info`'s geometry and span lines (see geometry_of)."""
+    if not geom:
+        return []
+    (h, w), (H, W), mode = geom["source_size"], geom["size"], geom["mode"]
+    ky, kx = geom["scale"]
+    scale = f"{kx:.6g}" if kx == ky else f"{kx:.6g} x {ky:.6g} (x, y)"
+    box = geom["box"]
+    x1, y1 = box["x"] + box["width"], box["y"] + box["height"]
+    line = f"geometry   source {w}x{h} -> workspace {W}x{H} ({mode}), scale {scale}, "
+    if mode == "pad":
+        pad = geom["pad_box"]
+        line += (f"picture at x {pad['x']}..{pad['x'] + pad['width']}, y {pad['y']}..{pad['y'] + pad['height']} "
+                 f"of the workspace (bars around it)")
+    else:
+        line += f"source box x {box['x']}..{x1}, y {box['y']}..{y1} ({box['width']}x{box['height']} px)"
+    lines = [line]
+    span = geom.get("span")
+    if span:
+        stride = f"stride {span['stride']}" if span.get("stride") else "irregular steps"
+        if span.get("fps_sample"):
+            stride += f", sampled at {_num(span['fps_sample'])} fps"
+        lines.append(f"span       source frames {span['start']} .. {span['end']}, {stride} ({span['frames']} frames)")
     return lines
 
 

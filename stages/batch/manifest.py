@@ -3,8 +3,10 @@
 A manifest has `defaults` (applied to every clip) and `clips` (one entry per clip). Keys are the flags of
 `vd mask` and `vd invert` with underscores (frames, size, box, box_only, prompt, subject, model, ...), plus
 `clip`, `name`, `edits`, `preset`, `device`, `objects` (named objects: [{name, phrase, points, box, text}])
-and the stage sections `mask:`, `invert:`, `edit:`, `eval:` (the stages' settings, as in presets). An edit
-is a prompt, or a mapping with `prompt:` or `regions:` ({object name: target phrase}, as `vd edit --region`).
+and the stage sections `mask:`, `invert:`, `edit:`, `eval:` (the stages' settings, as in presets), and
+`export:` (`vd export`'s options for every edit of the clip: true, false, or a mapping of codec, crf, audio,
+whole_clip, feather, color_match). An edit is a prompt, or a mapping with `prompt:` or `regions:` ({object
+name: target phrase}, as `vd edit --region`).
 Per-clip keys override `defaults`; sections are merged key by key.
 Settings are built with stages.common.config.build_config (type checks) and checked with the stages' own rules,
 so a bad entry fails here, naming its index and key, before any clip runs. A missing clip file is not a
@@ -33,7 +35,8 @@ INVERT_FLAGS = ("prompt", "subject", "negative_prompt", "model", "steps", "cfg",
                 "no_stdg", "shared_null", "schedule", "seed", "per_frame_groupnorm", "store_components", "plain",
                 "compare_ddim", "dtype", "method")
 SECTIONS = ("mask", "invert", "edit", "eval")
-OTHER_KEYS = ("clip", "name", "edits", "preset", "device")
+OTHER_KEYS = ("clip", "name", "edits", "preset", "device", "export")
+EXPORT_KEYS = ("codec", "crf", "audio", "whole_clip", "feather", "color_match")  # the rest is the batch's
 CLIP_KEYS = frozenset(MASK_FLAGS + INVERT_FLAGS + SECTIONS + OTHER_KEYS)
 # what the batch itself decides (resume/redo) or where it writes; never taken from a manifest
 BATCH_OWNED = {"mask": ("force",), "invert": ("restart",), "edit": ("force", "output"), "eval": ("edits", "store")}
@@ -51,6 +54,7 @@ class ClipPlan:
     edits: list[Any] = field(default_factory=list)  # stages.edit.run.EditConfig, one per edit
     eval: Any = None  # stages.evaluate.EvalConfig
     edit_names: list[str] = field(default_factory=list)
+    export: Any = None  # stages.export.ExportConfig for every edit (edit and output set per edit), or None
 
 
 @dataclass
@@ -216,7 +220,42 @@ def _plan(index: int, defaults: dict[str, Any], entry: dict[str, Any], base: Pat
         ev.metrics = parse_metrics(ev.metrics)
     except VdError as exc:
         raise InputError(f"{where_c}, eval: {exc}") from None
-    return ClipPlan(index, str(entry.get("name") or ""), clip, mask, invert, edits, ev, names)
+    export = _export_config(defaults.get("export"), entry.get("export"), where_d, where_c, mask)
+    return ClipPlan(index, str(entry.get("name") or ""), clip, mask, invert, edits, ev, names, export)
+
+
+def _export_config(default: Any, own: Any, where_d: str, where_c: str, mask: Any) -> Any:
+    """The clip's export settings: `export:` true (vd export's defaults), false / absent (no export) or a
+    mapping of EXPORT_KEYS; the clip's mapping overrides the defaults' key by key, its false turns them off."""
+    from stages.export import ExportConfig, validate
+
+    layers = []
+    for value, where in ((default, f"{where_d}, export"), (own, f"{where_c}, export")):
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            layers = [Layer({}, where)] if value else []
+            continue
+        if not isinstance(value, dict):
+            raise InputError(f"{where}: must be true, false or a mapping of {', '.join(EXPORT_KEYS)}")
+        bad = [k for k in value if k not in EXPORT_KEYS]
+        if bad:
+            owned = bad[0] in ("edit", "output", "source", "force")
+            why = ("is not a manifest setting (vd batch exports every edit to WS/edits/NAME/export.*)" if owned
+                   else f"is not an export setting; use {', '.join(EXPORT_KEYS)}")
+            raise InputError(f"{where}: {bad[0]!r} {why}")
+        value = dict(value)
+        if isinstance(value.get("color_match"), str) and value["color_match"] in ("on", "off"):
+            value["color_match"] = value["color_match"] == "on"  # as `vd export --color-match on|off`
+        layers.append(Layer(value, where))
+    if not layers:
+        return None
+    cfg = build_config(ExportConfig, *layers)
+    _stage_check("stages.export", "validate", cfg, f"{where_c}, export")
+    if cfg.whole_clip and ((mask.stride or 1) != 1 or mask.fps):
+        raise InputError(f"{where_c}, export: whole_clip needs consecutive frames; this clip samples with "
+                         f"{'fps' if mask.fps else 'stride'} (drop whole_clip to export the sampled frames)")
+    return cfg
 
 
 def _mask_flags(values: dict[str, Any], where: str, base: Path) -> dict[str, Any]:
@@ -386,4 +425,5 @@ def plan_dict(plan: ClipPlan) -> dict[str, Any]:
 
     return {"index": plan.index, "name": plan.name, "clip": plan.clip, "mask": config_dict(plan.mask),
             "invert": config_dict(plan.invert), "edits": [config_dict(e) for e in plan.edits],
-            "edit_names": plan.edit_names, "eval": dataclasses.asdict(plan.eval) if plan.eval else None}
+            "edit_names": plan.edit_names, "eval": dataclasses.asdict(plan.eval) if plan.eval else None,
+            "export": config_dict(plan.export) if plan.export else None}

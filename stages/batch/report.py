@@ -1,5 +1,5 @@
 """What `vd batch` tells: per-worker status lines while it runs, and the batch report at the end (counts,
-failures, model loads, throughput and the `vd eval --compare` table over the clips)."""
+failures, model loads, throughput, the exported files and the `vd eval --compare` table over the clips)."""
 
 from __future__ import annotations
 
@@ -50,8 +50,15 @@ def build_report(manifest: Manifest, engine: str, only: list[str], out: str, res
         "model_loads": {"total": loads, "per_worker": stats},
         "seconds": round(seconds, 2),
         "clips_per_hour": round(len(done) * 3600.0 / seconds, 1) if seconds > 0 else None,
+        "exports": {r["name"]: r["exports"] for r in results if r.get("exports")},
         "compare": compare_table(results),
     }
+
+
+def export_lines(report: dict[str, Any]) -> list[str]:
+    """One line per exported file of the batch report: "CLIP: export EDIT -> PATH"."""
+    return [f"{clip}: export {edit} -> {path}" for clip, files in (report.get("exports") or {}).items()
+            for edit, path in files.items()]
 
 
 def compare_table(results: list[dict[str, Any]]) -> dict[str, Any] | None:

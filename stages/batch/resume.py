@@ -1,6 +1,7 @@
 """What `vd batch` redoes for a clip, decided by the stages' own freshness rules (each stage's
-`is_current`): the batch adds only how to redo an inversion (resume its unfinished steps, or restart it) and
-the model identity, which it knows without loading the model (stages.models.resolve.model_identity).
+`is_current`): the batch adds only how to redo an inversion (resume its unfinished steps, or restart it), the
+model identity, which it knows without loading the model (stages.models.resolve.model_identity), and which
+edits' exports to write (stages.export.is_current, one export per edit at its default output).
 """
 
 from __future__ import annotations
@@ -41,3 +42,24 @@ def invert_action(ws: Any, cfg: Any, identity: str) -> tuple[str, str]:
     if changed_settings({k: v for k, v in old.items() if k in new}, new):
         return "restart", why
     return "resume", why
+
+
+def export_plan(ws: Any, template: Any, names: list[str],
+                source: str | None) -> tuple[list[tuple[Any, str]], list[str]]:
+    """The exports of edits `names` with the manifest's settings `template` (stages.export.ExportConfig):
+    ([(config, why) to run], [names already current]). Each edit goes to its default output
+    (WS/edits/NAME/export.*), reading the clip from `source` (the local copy); an output left by an older
+    export is replaced (force)."""
+    import dataclasses
+
+    from stages.export import is_current
+
+    todo, done = [], []
+    for name in names:
+        cfg = dataclasses.replace(template, edit=name, output=None, source=source, force=True)
+        fresh, why = is_current(ws, cfg)
+        if fresh:
+            done.append(name)
+        else:
+            todo.append((cfg, why))
+    return todo, done

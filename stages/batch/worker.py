@@ -1,6 +1,7 @@
 """What one batch worker does: hold its models (one load per model spec) and run whole clips, stage by
 stage, through the stages' own entry points. Whether a stage is already current is the stage's own rule
-(stages.mask/invert/edit/evaluate `is_current`, see stages/batch/resume.py); a stage that runs says why.
+(stages.mask/invert/edit/export/evaluate `is_current`, see stages/batch/resume.py); a stage that runs says why.
+The export runs after the edits and before eval (whose seam metric reads the exports).
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from stages.batch.manifest import ClipPlan
-from stages.batch.resume import invert_action
+from stages.batch.resume import export_plan, invert_action
 from stages.common.errors import InputError, Interrupted, Transient, VdError, first_line
 from stages.common.progress import Progress
 
-STAGES = ("mask", "invert", "edit", "eval")
+STAGES = ("mask", "invert", "edit", "export", "eval")  # export only for clips with an `export:` key
 LOG_LINES = 40  # lines of a clip's log kept for the report of a failed clip
 _LOAD_LOCK = threading.Lock()  # model builders seed torch's global RNG: one load at a time per process
 
@@ -45,8 +46,8 @@ def clip_result(job: Job, worker: int | None, **fields: Any) -> dict[str, Any]:
     result: dict[str, Any] = {
         "index": plan.index, "name": plan.name, "clip": plan.clip, "workspace": job.target,
         "worker": worker, "attempt": job.attempt, "lost_workers": job.lost, "status": "running", "error": None, "stage": None,
-        "transient": False, "stages": {}, "run": [], "skipped": [], "metrics": None, "model_loads": 0,
-        "pid": None, "seconds": None, "log": None}
+        "transient": False, "stages": {}, "run": [], "skipped": [], "metrics": None, "exports": None,
+        "model_loads": 0, "pid": None, "seconds": None, "log": None, "worker_lost": False}
     result.update(fields)
     return result
 
@@ -200,7 +201,7 @@ class Worker:
                 with Storage(job.target, job.scratch, wait_dead=True) as storage:
                     storage.pull()
                     for stage in STAGES:
-                        if stage not in job.only:
+                        if stage not in job.only or (stage == "export" and plan.export is None):
                             continue
                         if self.stop is not None and self.stop.is_set():
                             raise Interrupted("batch interrupted")
@@ -211,6 +212,9 @@ class Worker:
                         storage.push(stage, ran=status == "run")
                         if stage == "eval":
                             result["metrics"] = info.pop("metrics", None)
+                        if stage == "export":
+                            result["exports"] = {n: _remote(Path(p), storage.local, job.target)
+                                                 for n, p in info.pop("outputs").items()}
                         result["stages"][stage] = {"status": status, "seconds": seconds, **info}
                         result["run" if status == "run" else "skipped"].append(stage)
                         if status == "run":
@@ -309,6 +313,23 @@ class Worker:
                            "reasons": reasons}
         return "skipped", {"edits_run": [], "edits_skipped": done}
 
+    def _export(self, plan: ClipPlan, ws_path: Path, job: Job, log: ClipLog) -> tuple[str, dict[str, Any]]:
+        from stages.export import default_output, run_export
+        from stages.io.storage import fetch_clip
+        from stages.io.workspace import Workspace
+
+        ws = Workspace.open(ws_path)
+        todo, done = export_plan(ws, plan.export, plan.edit_names, fetch_clip(plan.clip, job.scratch))
+        outputs = {name: str(default_output(ws.path, name, plan.export.codec)) for name in plan.edit_names}
+        for cfg, _why in todo:
+            run_export(ws, cfg, log)
+        names = [cfg.edit for cfg, _why in todo]
+        info: dict[str, Any] = {"outputs": outputs, "exports_run": names, "exports_skipped": done}
+        if not todo:
+            return "skipped", info
+        reasons = {cfg.edit: why for cfg, why in todo}
+        return "run", {**info, "why": "; ".join(reasons.values()), "reasons": reasons}
+
     def _eval(self, plan: ClipPlan, ws_path: Path, job: Job, log: ClipLog) -> tuple[str, dict[str, Any]]:
         from stages.evaluate import is_current, run_eval
         from stages.io import locks as stagelock
@@ -323,3 +344,14 @@ class Worker:
             result = run_eval(ws, cfg, log, scorers, reuse=True)
         metrics = {n: item["metrics"] for n, item in result["items"].items()}
         return ("skipped", {"metrics": metrics}) if fresh else ("run", {"why": why, "metrics": metrics})
+
+
+def _remote(path: Path, local: Path, target: str) -> str:
+    """Where a file of the workspace's local copy lives in the batch's output (`target`: a folder or a URL)."""
+    try:
+        rel = path.relative_to(local)
+    except ValueError:  # not inside the workspace
+        return str(path)
+    from stages.io.storage import is_url
+
+    return f"{target.rstrip('/')}/{rel.as_posix()}" if is_url(target) else str(Path(target) / rel)

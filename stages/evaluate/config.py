@@ -15,7 +15,7 @@ import numpy as np
 from stages.common.errors import UsageError
 
 RECON = "reconstruction"
-METRICS = ("psnr", "ssim", "lpips", "warp", "smoothness", "vbench", "clip", "pickscore")
+METRICS = ("psnr", "ssim", "lpips", "warp", "smoothness", "vbench", "clip", "pickscore", "seam")
 GROUPS = {"all": METRICS, "fidelity": ("psnr", "ssim", "lpips"), "temporal": ("warp", "smoothness", "vbench"),
           "text": ("clip", "pickscore")}
 OCCLUSION = {"alpha": 0.01, "beta": 0.5}

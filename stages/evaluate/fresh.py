@@ -1,9 +1,10 @@
 """Whether `vd eval`'s stored scores are current: one rule for `run_eval(reuse=True)` and `vd batch`.
 
 Stored scores of an item (the reconstruction or an edit) are current when they were computed from the same
-frames, masks, prompt and region, with the same scorer weights, and cover every metric asked for. An item that is
-itself stale (an edit whose inputs changed, an inversion whose frames or masks changed: notes/readme-freshness.md)
-is never scored: `refuse_stale` names it and the fix.
+frames, masks, prompt and region, with the same scorer weights (for the seam metric: from the same export
+of the edit), and cover every metric asked for. An item that is itself stale (an edit whose inputs changed, an
+inversion whose frames or masks changed: notes/readme-freshness.md) is never scored: `refuse_stale` names it
+and the fix.
 """
 
 from __future__ import annotations
@@ -32,8 +33,13 @@ def item_settings(clip: SourceClip, frames: np.ndarray, attrs: dict[str, Any], m
                   weights: dict[str, Any]) -> dict[str, Any]:
     """What an item's scores depend on (stored as eval/<name> attrs `settings`); `attrs` are the edit's
     group attrs ({} for the reconstruction), `weights` the scorers' describe()."""
-    return {"metrics": metrics, "weights": weights, "farneback": M.FARNEBACK, "occlusion": OCCLUSION,
-            "fingerprint": item_fingerprint(clip, frames, attrs), "vd_version": __version__}
+    settings = {"metrics": metrics, "weights": weights, "farneback": M.FARNEBACK, "occlusion": OCCLUSION,
+                "fingerprint": item_fingerprint(clip, frames, attrs), "vd_version": __version__}
+    if "seam" in metrics and attrs:  # the seam reads the edit's export: a new export is a new score
+        from stages.evaluate.seam import export_identity
+
+        settings["export"] = export_identity(attrs)
+    return settings
 
 
 def item_stale(ws: Workspace, name: str, reads: Reads | None = None) -> tuple[str, str]:
@@ -63,7 +69,8 @@ def stored_fresh(stored: dict[str, Any], current: dict[str, Any]) -> bool:
     """Whether stored settings (eval/<name> attrs `settings`) still answer `current` (item_settings)."""
     return (stored.get("fingerprint") == current["fingerprint"]
             and set(current["metrics"]) <= set(stored.get("metrics", []))
-            and stored.get("weights") == current["weights"])
+            and stored.get("weights") == current["weights"]
+            and ("seam" not in current["metrics"] or stored.get("export") == current.get("export")))
 
 
 def is_current(ws: Workspace, cfg: EvalConfig, scorers: Any = None) -> tuple[bool, str]:
@@ -92,6 +99,7 @@ def is_current(ws: Workspace, cfg: EvalConfig, scorers: Any = None) -> tuple[boo
         if not stored_fresh(stored, current):
             what = ("its frames, masks or prompt changed" if stored.get("fingerprint") != current["fingerprint"]
                     else "other scorer weights" if stored.get("weights") != current["weights"]
+                    else "the edit's export changed" if stored.get("export") != current.get("export")
                     else "metrics not computed yet")
             return False, f"the scores of {name} are stale ({what})"
     return True, ""

@@ -21,6 +21,7 @@ from stages.evaluate.fresh import item_settings, refuse_stale, stored_fresh
 from stages.evaluate.inputs import SourceClip, select_items, target_prompt
 from stages.evaluate.plots import write_plots
 from stages.evaluate.scorers import Scorers
+from stages.evaluate.seam import export_seam
 from stages.io.workspace import Workspace
 from stages.quality import metrics as M
 
@@ -99,8 +100,15 @@ def _evaluate_edit(clip: SourceClip, name: str, frames: np.ndarray, attrs: dict[
             cos, scale = M.clip_similarity(scorer[0], scorer[1], frames, prompt, scorers.device)
             vals = (M.clip_score(cos) if metric == "clip" else M.pick_score(cos, scale)).tolist()
             out[key], per_frame[key] = clip_mean(vals), vals
+    exported = None
+    if "seam" in metrics:  # the export's boundary ring (stages/evaluate/seam.py); n/a without an export
+        values, series, exported = export_seam(clip.ws, name, attrs)
+        out.update(values)
+        per_frame.update(series)
     info = {"kind": "edit", "prompt": prompt, "background": background,
             "region": "inside masks/raw (the object)" if background else "outside masks/edit"}
+    if exported:
+        info["export"] = exported
     return out, per_frame, info
 
 

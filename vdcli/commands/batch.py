@@ -42,7 +42,7 @@ def batch_command(
         help="Folder or fsspec URL (s3://, gs://, az://, file://) for the workspaces (NAME.vd).")] = "runs",
     only: Annotated[Optional[str], typer.Option(
         "--only", metavar="STAGES", rich_help_panel=_RUN,
-        help="Comma list of the stages to run: mask,invert,edit,eval. \\[default: all]")] = None,
+        help="Comma list of the stages to run: mask,invert,edit,export,eval. \\[default: all]")] = None,
     retry: Annotated[int, typer.Option(
         "--retry", rich_help_panel=_RUN,
         help="Retries of a clip after a transient failure (an unexpected error; on Ray, a lost worker). "
@@ -84,6 +84,7 @@ def _print_human(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from stages.batch.report import export_lines
     from vdcli.commands.eval import print_compare
 
     table = Table(title=f"vd batch: {result['counts']['done']}/{result['counts']['clips']} clip(s) done "
@@ -101,5 +102,7 @@ def _print_human(result: dict[str, Any]) -> None:
             if info.get("status") == "run" and info.get("why"):
                 console.print(f"{clip['name']}: {stage} ran: {info['why']}", markup=False, highlight=False,
                               soft_wrap=True)
+    for line in export_lines(result):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     if result.get("compare"):
         print_compare(result["compare"])

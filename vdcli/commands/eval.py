@@ -21,7 +21,7 @@ LABELS = {
     "smoothness_source": "smoothness source", "vbench_smoothness": "VBench smooth. ↑",
     "clip_score": "CLIP score ↑", "pickscore": "PickScore ↑",
     "invert_s": "invert s ↓", "recon_psnr": "recon PSNR dB ↑", "vae_psnr": "VAE ceiling dB",
-    "below_vae_db": "below VAE dB ↓",
+    "below_vae_db": "below VAE dB ↓", "seam": "seam of export ↓",
 }
 
 
@@ -38,7 +38,7 @@ def eval_command(
         help="Reconstruction plus every finished edit (the default without --edit).")] = False,
     metrics: Annotated[Optional[list[str]], typer.Option(
         "--metrics", "-m", metavar="LIST", rich_help_panel=_SEL,
-        help="Comma list of psnr,ssim,lpips,warp,smoothness,vbench,clip,pickscore or the groups "
+        help="Comma list of psnr,ssim,lpips,warp,smoothness,vbench,clip,pickscore,seam or the groups "
              "fidelity,temporal,text,all (default all).")] = None,
     compare: Annotated[bool, typer.Option(
         "--compare", rich_help_panel=_CMP,
