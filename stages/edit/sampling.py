@@ -48,7 +48,7 @@ def edit_latents(ws: Workspace, inv: Inversion, models: Any, job: Any,
     emb_tgt, emb_src, emb_neg = encode_text(models, [job.target, inv.prompt, inv.negative_prompt]).to(dev)
     first = first_frame_control(job, models, inv, progress)  # --first-frame: SparseCtrl on the target slots
 
-    plan = cross_plan(models.tokenizer, inv.prompt, job.target, cfg.reweight, cfg.cross_mode)
+    plan = cross_plan(models.tokenizer, inv.prompt, job.target, cfg.reweight, cfg.cross_mode, device=dev)
     regional = None
     if job.regions is not None:  # per-region edit: SA-II per object, layout, blend per object
         from stages.edit.regions import region_controls

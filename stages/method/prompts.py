@@ -225,8 +225,11 @@ class CrossPlan:
 
 
 def cross_plan(tokenizer: Any, source: str, target: str, reweight: dict[str, float] | None = None,
-               mode: str = "auto") -> CrossPlan:
-    """Alignment and equalizer for editing `source` into `target` (mode: auto | refine | swap)."""
+               mode: str = "auto", device: Any = None) -> CrossPlan:
+    """Alignment and equalizer for editing `source` into `target` (mode: auto | refine | swap).
+
+    device: where the mapper, alphas and equalizer live (the UNet's device: P2P reads them in every cross
+    layer call, and a host-to-device copy there would synchronise the GPU each time); built on the CPU."""
     if mode not in ("auto", "refine", "swap"):
         raise InputError(f"unknown cross-attention mode {mode!r}; choose auto, refine or swap")
     src, tgt = token_ids(tokenizer, source), token_ids(tokenizer, target)
@@ -238,4 +241,6 @@ def cross_plan(tokenizer: Any, source: str, target: str, reweight: dict[str, flo
     else:
         mapper, alphas = refinement_mapper(src, tgt)
     eq = equalizer(tokenizer, target, reweight or {})
+    if device is not None:
+        mapper, alphas, eq = mapper.to(device), alphas.to(device), eq.to(device)
     return CrossPlan("swap" if use_swap else "refine", mapper, alphas, eq, src, tgt)

@@ -114,15 +114,16 @@ class KeyMasks:
     def __init__(self, hide: torch.Tensor, latent_hw: tuple[int, int]):
         self.hide = hide.bool()
         self.latent_hw = latent_hw
-        self._cache: dict[int, torch.Tensor] = {}
+        self._cache: dict[tuple[int, str], torch.Tensor] = {}
 
     def for_tokens(self, n: int, device: torch.device) -> torch.Tensor:
         """(F, n) mask for a layer with n tokens (nearest-resized from full resolution, PyTorch 'nearest')."""
-        if n not in self._cache:
+        key = (n, str(device))  # cached on the device: a host-to-device copy per call would sync the GPU
+        if key not in self._cache:
             h, w = layer_hw(n, self.latent_hw)
             small = F.interpolate(self.hide[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0.5
-            self._cache[n] = small.reshape(small.shape[0], h * w)
-        return self._cache[n].to(device)
+            self._cache[key] = small.reshape(small.shape[0], h * w).to(device)
+        return self._cache[key]
 
 
 def layer_hw(n: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
@@ -150,6 +151,14 @@ class LocalBlend:
         self.threshold = threshold
         self._sums: dict[tuple[int, int], list[torch.Tensor]] = {}
         self._counts: Counter = Counter()
+        self._indices: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
+
+    def _index(self, pos: list[int], device: torch.device) -> torch.Tensor:
+        """`pos` as an index tensor on `device`, made once (a list index is copied to the GPU at every call)."""
+        key = (tuple(pos), str(device))
+        if key not in self._indices:
+            self._indices[key] = torch.tensor(pos, dtype=torch.long, device=device)
+        return self._indices[key]
 
     def reset(self) -> None:
         """Forget the maps of the previous step."""
@@ -161,8 +170,8 @@ class LocalBlend:
         hw = layer_hw(p_edit.shape[2], self.latent_hw)
         parts = []
         for p, pos in ((p_src, self.src_pos), (p_edit, self.tgt_pos)):
-            parts.append(p[..., pos].float().sum(-1).mean(1) if pos else torch.zeros(p.shape[0], p.shape[2],
-                                                                                      device=p.device))
+            parts.append(p[..., self._index(pos, p.device)].float().sum(-1).mean(1) if pos
+                         else torch.zeros(p.shape[0], p.shape[2], device=p.device))
         if hw in self._sums:
             self._sums[hw] = [a + b for a, b in zip(self._sums[hw], parts)]
         else:
@@ -281,11 +290,14 @@ class EditAttention:
         return handler
 
     def _cross_handler(self, use_p2p: bool, use_blend: bool):
+        # read once here, not per call: the alphas live on the UNet's device (a read there syncs the GPU)
+        aligned = self.alphas is not None and bool((self.alphas >= 1).all())
+
         def handler(name: str, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             step = self._step()
             edit = use_p2p and step < self.cross_steps
             # a swap replaces every token's map and nothing records it: the modulation would be moot
-            moot = edit and not use_blend and self.alphas is not None and bool((self.alphas >= 1).all())
+            moot = edit and not use_blend and aligned
             lay = self.layout is not None and self.layout.active(step) and not moot
             if not edit and not use_blend and not lay:
                 self.usage["cross_plain"] += 1

@@ -102,7 +102,9 @@ class Layout:
         self.positions = [sorted({int(p) for p in pos}) for pos in positions]
         self.timesteps = list(timesteps)
         self.steps, self.strength, self.latent_hw, self.levels = steps, float(strength), latent_hw, levels
-        self._layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # per (tokens, device): made once on the device, as a host-to-device copy per call would sync the GPU
+        self._layers: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[tuple[int, str], torch.Tensor] = {}
 
     def active(self, step: int) -> bool:
         """Whether the modulation acts at this step."""
@@ -119,19 +121,23 @@ class Layout:
     def layer(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(labels (F, n) int64, s (F, n, 1) float32) at the resolution of a layer with n tokens; the
         background counts as a region of its own (label 0 -> 1 for the size regularisation)."""
-        if n not in self._layers:
+        key = (n, str(device))
+        if key not in self._layers:
             lab = nearest(self.labels, layer_hw(n, self.latent_hw)).round().long()
-            self._layers[n] = lab.flatten(1), size_regularisation(lab + 1).flatten(1)[..., None]
-        lab, s = self._layers[n]
-        return lab.to(device), s.to(device)
+            self._layers[key] = (lab.flatten(1).to(device),
+                                 size_regularisation(lab + 1).flatten(1)[..., None].to(device))
+        return self._layers[key]
 
     def cross_positive(self, labels: torch.Tensor, keys: int) -> torch.Tensor:
         """(F, n, keys) bool: P[n, j] when pixel n's object is edited and j is one of its phrase tokens."""
-        table = torch.zeros(len(self.positions) + 1, keys, dtype=torch.bool, device=labels.device)
-        for k, pos in enumerate(self.positions, start=1):
-            pos = [p for p in pos if p < keys]
-            table[k, pos] = True
-        return table[labels]
+        key = (keys, str(labels.device))
+        if key not in self._tables:
+            table = torch.zeros(len(self.positions) + 1, keys, dtype=torch.bool)
+            for k, pos in enumerate(self.positions, start=1):
+                pos = [p for p in pos if p < keys]
+                table[k, pos] = True
+            self._tables[key] = table.to(labels.device)
+        return self._tables[key][labels]
 
     def cross_probs(self, q: torch.Tensor, k: torch.Tensor, step: int) -> torch.Tensor:
         """The modulated edit-cond cross-attention map (F, heads, n, keys), in q's dtype."""
@@ -199,6 +205,7 @@ class RegionKeys:
         self.edited = list(edited)
         self.latent_hw = latent_hw
         self._cache: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._on: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}  # the device copies
 
     def labels_for(self, n: int) -> torch.Tensor:
         """(F, n) labels at the resolution of a layer with n tokens."""
@@ -225,7 +232,10 @@ class RegionKeys:
                 else:
                     merged[same] = (merged[same][0] | sel, keep)
             self._cache[n] = merged
-        return [(s.to(device), k.to(device)) for s, k in self._cache[n]]
+        key = (n, str(device))  # copied once: a host-to-device copy per call would sync the GPU
+        if key not in self._on:
+            self._on[key] = [(s.to(device), k.to(device)) for s, k in self._cache[n]]
+        return self._on[key]
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """SA-II per object for one layer call (head layout, 4 slots)."""
@@ -233,7 +243,7 @@ class RegionKeys:
         groups = self.groups(n, q.device)
         if len(groups) == 1:
             keep = groups[0][1]
-            if bool(keep[:, n:].all()):
+            if bool(self._cache[n][0][1][:, n:].all()):  # read on the host copy: no GPU sync
                 return editing.sa2_attention(q, k, v, ~keep[:, :n])
         return region_sa2_attention(q, k, v, groups)
 
