@@ -203,7 +203,7 @@ def staleness(ws: Workspace) -> dict[str, tuple[str, str]]:
     """{"inversion" | "edits/<name>" | "eval/<name>": (why, fix)} of every stored result whose inputs changed
     since it was made, by each stage's own rule. A part that cannot be read is left to --check."""
     from stages.edit.fresh import stale_fix, stale_reason
-    from stages.evaluate.inputs import edit_names
+    from stages.io.workspace import edit_names
     from stages.invert.store import inputs_changed, stale_fix as invert_fix
     from stages.io.reads import Reads
 

@@ -7,7 +7,6 @@ workspace holds) -> run (one workspace) -> table (many workspaces) ; plots (per-
 from stages.evaluate.config import (GROUPS, METRICS, OCCLUSION, RECON, EvalConfig, as_number, clip_mean, metric_of,
                                     parse_metrics, unavailable)
 from stages.evaluate.fresh import is_current
-from stages.evaluate.inputs import edit_names
 from stages.evaluate.plots import line_chart, write_plots
 from stages.evaluate.run import run_eval, seam_metrics
 from stages.evaluate.scorers import HOW, Scorers
@@ -15,6 +14,6 @@ from stages.evaluate.table import aggregate, compare, compare_groups, find_works
 
 __all__ = [
     "GROUPS", "HOW", "METRICS", "OCCLUSION", "RECON", "EvalConfig", "Scorers", "aggregate", "as_number",
-    "clip_mean", "compare", "compare_groups", "edit_names", "find_workspaces", "is_current", "line_chart",
+    "clip_mean", "compare", "compare_groups", "find_workspaces", "is_current", "line_chart",
     "metric_of", "parse_metrics", "run_eval", "seam_metrics", "unavailable", "write_plots",
 ]

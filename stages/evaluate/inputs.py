@@ -8,27 +8,13 @@ import numpy as np
 
 from stages.common.errors import InputError
 from stages.evaluate.config import GROUPS, RECON, EvalConfig
-from stages.io.workspace import Workspace, check_name
+from stages.io.workspace import Workspace, check_name, edit_finished, edit_names
 from stages.quality import metrics as M
-
-
-def edit_names(ws: Workspace) -> list[str]:
-    """Names of the edit groups in the workspace (finished or not)."""
-    root = ws.path / "edits"
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if (p / "zarr.json").is_file())
-
-
-def edit_ready(ws: Workspace, name: str) -> bool:
-    """True when edit `name` has frames and finished."""
-    status = ws.group_attrs(f"edits/{name}").get("status", "done")
-    return ws.has(f"edits/{name}/frames") and status == "done"
 
 
 def has_results(ws: Workspace) -> bool:
     """True when the workspace has a reconstruction or at least one finished edit."""
-    return ws.has("inversion/reconstruction") or any(edit_ready(ws, n) for n in edit_names(ws))
+    return ws.has("inversion/reconstruction") or any(edit_finished(ws, n) for n in edit_names(ws))
 
 
 def target_prompt(attrs: dict[str, Any]) -> str | None:
@@ -57,7 +43,7 @@ def select_items(ws: Workspace, config: EvalConfig, metrics: list[str]) -> tuple
             elif name not in names:
                 listed = ", ".join(([RECON] if has_recon else []) + names) or "none"
                 raise InputError(f"no edit named {name!r} in {ws.path}; available: {listed}")
-            elif not edit_ready(ws, name):
+            elif not edit_finished(ws, name):
                 status = ws.group_attrs(f"edits/{name}").get("status", "unknown")
                 raise InputError(f"edit {name!r} is not finished (status {status}); rerun `vd edit`")
             targets.append(name)
@@ -65,7 +51,7 @@ def select_items(ws: Workspace, config: EvalConfig, metrics: list[str]) -> tuple
     seams = "warp" in metrics and has_recon and seam_pairs(ws, int(ws.array("video/frames").shape[0])) is not None
     targets = [RECON] if has_recon and (seams or any(m in GROUPS["fidelity"] for m in metrics)) else []
     for name in names:
-        if edit_ready(ws, name):
+        if edit_finished(ws, name):
             targets.append(name)
         else:
             skipped[name] = f"not finished (status {ws.group_attrs(f'edits/{name}').get('status', 'unknown')})"

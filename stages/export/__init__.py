@@ -5,7 +5,7 @@ The stage's interface: ExportConfig, validate, is_current, run_export."""
 
 from stages.export.config import CODECS, ExportConfig, auto_feather, default_output, validate
 from stages.export.fresh import is_current
-from stages.export.run import edit_names, pick_edit, run_export
+from stages.export.run import pick_edit, run_export
 
-__all__ = ["CODECS", "ExportConfig", "auto_feather", "default_output", "edit_names", "is_current", "pick_edit",
+__all__ = ["CODECS", "ExportConfig", "auto_feather", "default_output", "is_current", "pick_edit",
            "run_export", "validate"]

@@ -29,29 +29,16 @@ from stages.export.media import (AudioPlan, PngWriter, SourceMedia, VideoWriter,
                                  probe_source, writable_folder)
 from stages.export.region import edit_region
 from stages.io import locks
-from stages.io.workspace import Workspace, atomic_path, check_name
+from stages.io.workspace import Workspace, atomic_path, check_name, edit_finished, edit_names
 from stages.method.composite import Geometry, paste
 
 
 # ----------------------------------------------------------------------------------------- inputs
-def edit_names(ws: Workspace) -> list[str]:
-    """Names of the edits stored in the workspace (finished or not), sorted."""
-    root = ws.path / "edits"
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if (p / "zarr.json").is_file())
-
-
-def finished(ws: Workspace, name: str) -> bool:
-    """Whether edit `name` is done and has its frames."""
-    return ws.group_attrs(f"edits/{name}").get("status") == "done" and ws.has(f"edits/{name}/frames")
-
-
 def pick_edit(ws: Workspace, name: str | None) -> str:
     """The edit to export: `name`, or the workspace's only finished edit."""
     names = edit_names(ws)
     if name is None:
-        done = [n for n in names if finished(ws, n)]
+        done = [n for n in names if edit_finished(ws, n)]
         if len(done) == 1:
             return done[0]
         if not done:
@@ -61,7 +48,7 @@ def pick_edit(ws: Workspace, name: str | None) -> str:
     if name not in names:
         listed = f"its edits: {', '.join(names)}" if names else "it has none"
         raise InputError(f"{ws.path} has no edit {name!r} ({listed})")
-    if not finished(ws, name):
+    if not edit_finished(ws, name):
         status = ws.group_attrs(f"edits/{name}").get("status")
         raise InputError(f"edit {name!r} in {ws.path} is not finished (status {status!r}); rerun `vd edit` "
                          f"with --name {name} --force")

@@ -280,3 +280,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def edit_names(ws: Workspace) -> list[str]:
+    """Names of the edit groups in the workspace (finished or not), sorted."""
+    root = ws.path / "edits"
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "zarr.json").is_file())
+
+
+def edit_finished(ws: Workspace, name: str) -> bool:
+    """True when edit `name` has its frames and finished (an edit without a status predates the field)."""
+    return ws.has(f"edits/{name}/frames") and ws.group_attrs(f"edits/{name}").get("status", "done") == "done"

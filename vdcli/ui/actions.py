@@ -177,7 +177,7 @@ class Studio:
 
     def defaults(self, workspace: str | Path) -> dict[str, Any]:
         """Field values from what the workspace stores: the inversion's settings, objects, finished edits."""
-        from stages.evaluate.inputs import edit_names, edit_ready
+        from stages.io.workspace import edit_finished, edit_names
         from stages.io.workspace import Workspace
 
         path = self.root.inside(workspace, "workspace")
@@ -192,7 +192,7 @@ class Studio:
                               "method": inv.get("method") or config.get("method"), "steps": config.get("steps"),
                               "null_steps": config.get("null_steps"), "status": inv.get("status")},
                 "objects": [[n, phrases.get(n) or ""] for n in names],
-                "edits": [n for n in edit_names(ws) if edit_ready(ws, n)]}
+                "edits": [n for n in edit_names(ws) if edit_finished(ws, n)]}
 
     def invert_defaults(self) -> dict[str, Any]:
         """The invert fields' defaults: InvertConfig under the default preset (what `vd invert` starts from)."""
