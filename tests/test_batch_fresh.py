@@ -186,8 +186,13 @@ def test_changed_subject_keeps_the_inversion_and_redoes_the_edits_that_replaced_
     base, out = env
     ws = Workspace.open(out / "a.vd")
     latents, made = ws.read("inversion/latents"), ws.group_attrs("inversion")["config_hash"]
+    raw, frames = ws.read("masks/objects/red_disc/raw"), ws.read("video/frames")
     rep = batch(write_manifest(base, subject="disc"), out)
     st = stages_of(rep)
+    # the mask is not tracked again: its one object is renamed after the new subject, its masks kept
+    assert st["mask"]["relabelled"] == {"from": "red_disc", "to": "disc"}, st["mask"]
+    assert ws.group_attrs("masks/objects")["names"] == ["disc"] and not ws.has("masks/objects/red_disc")
+    assert np.array_equal(ws.read("masks/objects/disc/raw"), raw) and np.array_equal(ws.read("video/frames"), frames)
     assert st["invert"]["status"] == "run" and "subject" in st["invert"]["why"], st["invert"]
     assert not st["invert"].get("restarted") and not st["invert"].get("resumed")
     attrs = ws.group_attrs("inversion")

@@ -259,7 +259,8 @@ class Worker:
         cfg = dataclasses.replace(self._device(plan.mask), force=True)
         result = run_mask(clip, ws_path, cfg, log)
         return "run", {"why": why,
-                       "coverage": round(sum(result["mask"]["coverage_edit"]) / max(result["frames"], 1), 4)}
+                       "coverage": round(sum(result["mask"]["coverage_edit"]) / max(result["frames"], 1), 4),
+                       **({"relabelled": result["relabelled"]} if result.get("relabelled") else {})}
 
     def _invert(self, plan: ClipPlan, ws_path: Path, job: Job, log: ClipLog) -> tuple[str, dict[str, Any]]:
         from stages.invert import run_invert

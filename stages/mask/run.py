@@ -223,6 +223,9 @@ def run_mask(clip: str | Path, output: str | Path | None, config: MaskConfig,
     existing = (target / "zarr.json").is_file()
     if existing:  # refuse a concurrent writer before the slow decoding and tracking
         _lock_workspace(target)
+        relabelled = relabel_subject(target, config, sha256, specs, progress)
+        if relabelled is not None:
+            return relabelled
 
     method = "mask-dir" if config.mask_dir else "mask-video" if config.mask_video else \
         "box" if config.box_only else "sam2"
@@ -348,6 +351,41 @@ def run_mask(clip: str | Path, output: str | Path | None, config: MaskConfig,
         "overlap_pixels": overlaps,
         "preview": str(preview.resolve()),
         "seconds": round(time.monotonic() - started, 2),
+    }
+
+
+def relabel_subject(target: Path, config: MaskConfig, sha256: str, specs: Any,
+                    progress: Progress) -> dict[str, Any] | None:
+    """A new --subject for the single-object form with every other setting unchanged: the object is renamed
+    and its phrase updated, its masks kept (nothing is decoded or tracked). None when that does not apply."""
+    from stages.common.config import changed_settings
+
+    if config.objects or len(specs) != 1:
+        return None
+    ws = Workspace.open(target)
+    stored = ws.group_attrs("masks").get("settings") or {}
+    objects = obj.read_objects(ws) or {}
+    current = mask_settings(config, sha256)
+    if (not stored or changed_settings(stored, current) != ["subject"] or len(objects.get("names") or []) != 1
+            or (ws.attrs.get("source") or {}).get("sha256") != sha256):
+        return None
+    old, new = objects["names"][0], specs[0].name
+    raw, edit = ws.read(f"{obj.GROUP}/{old}/raw"), ws.read(f"{obj.GROUP}/{old}/edit")
+    written = obj.write_objects(ws, specs, raw[None], edit[None], np.zeros((1, 1), np.int64))
+    masks = ws.group_attrs("masks")
+    described = [dict(d, name=new, phrase=specs[0].phrase) for d in masks.get("objects") or []]
+    ws.update_attrs("masks", objects=described, settings=current)
+    progress.log(f"subject {stored.get('subject')!r} -> {config.subject!r}: object {old!r} renamed {new!r}, "
+                 f"masks kept (nothing else changed)")
+    source = ws.attrs.get("source") or {}
+    return {
+        "workspace": str(ws.path.resolve()), "reused": True, "relabelled": {"from": old, "to": new},
+        "source": source.get("path"), "frames": int(source.get("frames") or len(masks.get("coverage_edit") or [])),
+        "indices": source.get("indices"), "size": source.get("size"), "fps": source.get("fps"),
+        "fps_out": source.get("fps_out"),
+        "mask": {k: masks.get(k) for k in ("method", "ellipse", "coverage_raw", "coverage_edit", "empty_frames")},
+        "objects": described, "overlap_pixels": written["overlap_pixels"],
+        "preview": str(ws.file_path("masks/preview.gif").resolve()), "seconds": 0.0,
     }
 
 
