@@ -318,15 +318,14 @@ def batch_main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="vd-bench-batch-") as tmp:
         manifest = batch_manifest(Path(tmp), args.clips, args)
         rows = [run_batch_bench(args, n, manifest, Path(tmp) / f"out{n}") for n in (1, 2)]
-    meta = {"when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    meta = {"when": utc_stamp(),
             "device": device_name(args.device), "commit": commit_id(),
             "settings": (f"{args.model}, {args.clips} clips, {args.frames} frames, {args.px}px, {args.steps} steps, "
                          f"{args.null_steps} null steps, 1 edit + eval per clip")}
     report = format_batch(meta, rows)
     print(report)
     if not args.no_record:
-        with RESULTS.open("a") as fh:
-            fh.write("\n" + report)
+        record(report)
 
 
 def device_name(device: str) -> str:
@@ -335,6 +334,29 @@ def device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def utc_stamp() -> str:
+    """The time a result was measured, as every RESULTS.md section names it."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def record(text: str) -> None:
+    """Append one section to bench/RESULTS.md."""
+    with RESULTS.open("a") as fh:
+        fh.write("\n" + text.lstrip("\n"))
+
+
+def full_size_args(ap: argparse.ArgumentParser, steps: int, null_steps: int, steps_help: str) -> None:
+    """The options of the full-size GPU scripts (bench/gpu.py, bench/smoke_gpu.py): the model and clip."""
+    ap.add_argument("--model", default="sd15-random")
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--px", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=steps, help=steps_help)
+    ap.add_argument("--null-steps", type=int, default=null_steps)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--no-record", action="store_true", help="print only; do not append to bench/RESULTS.md")
 
 
 def commit_id() -> str:
@@ -404,14 +426,13 @@ def main() -> None:
     for m in measured:
         if m.get("profile"):
             profiles[m["stage"]] = profile_summary(m["profile"])
-    meta = {"when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    meta = {"when": utc_stamp(),
             "device": device_name(args.device), "commit": commit_id(),
             "settings": settings_text(args, int(measured[0].get("threads", args.threads)))}
     report = format_report(meta, rows, profiles, diff)
     print(report)
     if not args.no_record:
-        with RESULTS.open("a") as fh:
-            fh.write("\n" + report)
+        record(report)
 
 
 if __name__ == "__main__":

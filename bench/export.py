@@ -14,7 +14,6 @@ the edit is the workspace's frames with the masked region painted, laid out as `
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import platform
@@ -28,7 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-RESULTS = ROOT / "bench" / "RESULTS.md"
 SIZE = (1080, 1920)  # (height, width)
 BOX = "160,128,352,384"  # the edited object in the 512x512 workspace
 
@@ -101,7 +99,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(*args.worker, args.whole_clip)))
         return
-    from bench import commit_id
+    from bench import commit_id, record, utc_stamp
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="vd-bench-export-") as tmp:
@@ -115,14 +113,13 @@ def main() -> None:
             r = run_worker(ws, folder / f"whole{length}.mp4", True)
             rows.append({"case": f"--whole-clip of a {length}-frame clip (16 edited), h264 crf 18, audio copied", **r})
             clip.unlink()
-    meta = {"when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit_id(),
+    meta = {"when": utc_stamp(), "commit": commit_id(),
             "device": f"CPU {platform.machine()} x{os.cpu_count()}",
             "note": args.note or "1920x1080 source, 30000/1001 fps, stereo AAC; one process per export."}
     text = format_rows(meta, rows)
     print(text)
     if not args.no_record:
-        with RESULTS.open("a") as fh:
-            fh.write("\n" + text)
+        record(text)
 
 
 if __name__ == "__main__":

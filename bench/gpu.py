@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import gc
 import platform
 import sys
@@ -34,7 +33,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-RESULTS = ROOT / "bench" / "RESULTS.md"
 
 import bench as B  # noqa: E402  (the shared harness: make_workspace, peak memory, commit id)
 
@@ -45,17 +43,10 @@ GIB = 1 << 30
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="sd15-random")
-    ap.add_argument("--frames", type=int, default=16)
-    ap.add_argument("--px", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=8, help="DDIM steps (the per-step cost does not depend on it)")
-    ap.add_argument("--null-steps", type=int, default=10)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bf16")
+    B.full_size_args(ap, 8, 10, "DDIM steps (the per-step cost does not depend on it)")
     ap.add_argument("--levels", default="off,blocks", help="comma-separated --checkpointing levels")
     ap.add_argument("--no-repeat", action="store_true", help="do not run `off` a second time (noise floor)")
     ap.add_argument("--budget-s", type=float, default=360.0, help="start no new run after this many seconds")
-    ap.add_argument("--no-record", action="store_true", help="print only; do not append to bench/RESULTS.md")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     levels = [x.strip() for x in args.levels.split(",") if x.strip()]
@@ -203,15 +194,14 @@ def main(argv: list[str] | None = None) -> int:
                 r["diff"] = differences(first_off["ws"], r["ws"])
     settings = (f"{args.model}, {args.frames} frames, {args.px} px, {args.dtype}, {args.steps} steps, "
                 f"{args.null_steps} null steps, torch {torch.__version__}")
-    meta = {"stamp": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    meta = {"stamp": B.utc_stamp(),
             "device": B.device_name(args.device) + ("" if args.device.startswith("cuda") else f" ({platform.machine()})"),
             "commit": B.commit_id(), "settings": settings, "load_s": load_s, "null_steps": args.null_steps,
             "total_s": time.perf_counter() - t_begin, "budget_s": args.budget_s, "skipped": skipped}
     text = report(rows, meta)
     print(text)
     if not args.no_record:
-        with RESULTS.open("a") as fh:
-            fh.write(text)
+        B.record(text)
     return 0 if done and len(done) == len(rows) else 1
 
 

@@ -25,7 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-RESULTS = ROOT / "bench" / "RESULTS.md"
 
 import bench as B  # noqa: E402  (the shared harness: commit id)
 
@@ -37,14 +36,7 @@ GIB = 1 << 30
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="sd15-random")
-    ap.add_argument("--frames", type=int, default=16)
-    ap.add_argument("--px", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=5, help="DDIM steps of the inversion and the edit")
-    ap.add_argument("--null-steps", type=int, default=2)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--no-record", action="store_true", help="print only; do not append to bench/RESULTS.md")
+    B.full_size_args(ap, 5, 2, "DDIM steps of the inversion and the edit")
     return ap.parse_args(argv)
 
 
@@ -166,8 +158,7 @@ def record(args: argparse.Namespace, stages: Stages) -> None:
         pred = f"{r['predicted'] / GIB:.2f}" if r["predicted"] else "-"
         off = f"{r['off']:.0%}" if "off" in r else "-"
         lines.append(f"| {r['stage']} | {r['seconds']:.1f} | {peak} | {pred} | {off} |")
-    with RESULTS.open("a") as fh:
-        fh.write("\n".join(lines) + "\n")
+    B.record("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
