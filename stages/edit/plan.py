@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from stages.invert import GROUP, InvertConfig
-from stages.invert.plan import (TFLOP_PER_FRAME_512, Target, card_times, format_plan, geometry, setting,
+from stages.invert.plan import (TFLOP_PER_FRAME_512, Target, card_times, geometry, setting,
                                 throughput, verdict)
 from stages.io.workspace import Workspace
 from stages.models import memory
@@ -106,8 +106,3 @@ def plan_edit_run(ws: Workspace | None, device: str = "auto", dtype: str = "auto
         "target": target.attrs() if target is not None else None,
         "verdict": verdict(rows, "off", where["available"], target, alternatives),
     }
-
-
-def format_edit_plan(result: dict[str, Any]) -> str:
-    """The edit's dry run as text."""
-    return format_plan(result)

@@ -21,6 +21,7 @@ import numpy as np
 from stages.common.errors import InputError, ModelMissingError, UsageError, first_line
 from stages.models import catalog
 from stages.models.catalog import DETECTOR_REPO, ENV_DETECTOR
+from stages.models.sam2_track import pick_device
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # the Hub repo has preprocessor_config.json; transformers >= 5 saves processor_config.json instead
 NEEDED = ("config.json", WEIGHT_FILES, ("preprocessor_config.json", "processor_config.json"),
@@ -80,17 +81,6 @@ def resolve_detector(name: str = "auto") -> Path | str:
     where = f" ({ENV_DETECTOR}={os.environ[ENV_DETECTOR]} is incomplete)" if os.environ.get(ENV_DETECTOR) else ""
     raise ModelMissingError(f"Grounding DINO weights for --text not found{where}; {GET}; "
                             f"or give the object by --box/--point (--detector random: untrained, tests only)")
-
-
-def pick_device(device: str = "auto") -> str:
-    """'auto' -> cuda when available, else cpu; UsageError for cuda without a CUDA device."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked but no CUDA device is available")
-    return device
 
 
 def load_detector(folder: str | Path, device: str = "auto") -> Detector:

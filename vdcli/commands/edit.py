@@ -212,9 +212,9 @@ def edit_command(
 
 
 def _print_plan(result: dict[str, Any]) -> None:
-    from stages.edit.plan import format_edit_plan
+    from stages.invert.plan import format_plan
 
-    print(format_edit_plan(result), flush=True)
+    print(format_plan(result), flush=True)
 
 
 def _print_human(result: dict[str, Any]) -> None:

@@ -307,9 +307,10 @@ class EditAttention:
             v0, v1, v2, v3 = slots(v)
             if lay and not edit and not use_blend:  # layout only: the other slots stay the plain fused attention
                 self.usage["layout"] += 1
-                out, f = F.scaled_dot_product_attention(q, k, v), q1.shape[0]
-                p1 = self.layout.cross_probs(q1, k1, step)
-                return torch.cat([out[:f], torch.matmul(p1, v1), out[2 * f:]])
+                from stages.method.control.layout import plain_around_edit_cond
+
+                out0, rest = plain_around_edit_cond(q, k, v)
+                return torch.cat([out0, torch.matmul(self.layout.cross_probs(q1, k1, step), v1), rest])
             p1 = self.layout.cross_probs(q1, k1, step) if lay else attention_probs(q1, k1)
             p3 = attention_probs(q3, k3)
             if lay:

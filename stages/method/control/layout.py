@@ -104,7 +104,7 @@ class Layout:
         self.steps, self.strength, self.latent_hw, self.levels = steps, float(strength), latent_hw, levels
         # per (tokens, device): made once on the device, as a host-to-device copy per call would sync the GPU
         self._layers: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._tables: dict[tuple[int, str], torch.Tensor] = {}
+        self._tables: dict[tuple[int, int, str], torch.Tensor] = {}
 
     def active(self, step: int) -> bool:
         """Whether the modulation acts at this step."""
@@ -129,15 +129,16 @@ class Layout:
         return self._layers[key]
 
     def cross_positive(self, labels: torch.Tensor, keys: int) -> torch.Tensor:
-        """(F, n, keys) bool: P[n, j] when pixel n's object is edited and j is one of its phrase tokens."""
-        key = (keys, str(labels.device))
+        """(F, n, keys) bool: P[n, j] when pixel n's object is edited and j is one of its phrase tokens.
+        `labels` is a layer's label map (self.layer), so the mask is made once per (tokens, keys, device)."""
+        key = (labels.shape[1], keys, str(labels.device))
         if key not in self._tables:
             table = torch.zeros(len(self.positions) + 1, keys, dtype=torch.bool)
             for k, pos in enumerate(self.positions, start=1):
                 pos = [p for p in pos if p < keys]
                 table[k, pos] = True
-            self._tables[key] = table.to(labels.device)
-        return self._tables[key][labels]
+            self._tables[key] = table.to(labels.device)[labels]
+        return self._tables[key]
 
     def cross_probs(self, q: torch.Tensor, k: torch.Tensor, step: int) -> torch.Tensor:
         """The modulated edit-cond cross-attention map (F, heads, n, keys), in q's dtype."""
@@ -151,11 +152,11 @@ class Layout:
     def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: int) -> torch.Tensor:
         """Self-attention of one layer call (head layout, 4 slots): edit-cond modulated, the other slots the
         plain fused attention. Scores are materialised per chunk of frames."""
-        out = F.scaled_dot_product_attention(q, k, v)
         _q0, q1, _q2, _q3 = slots(q)
         _k0, k1, _k2, _k3 = slots(k)
         _v0, v1, _v2, _v3 = slots(v)
         f, heads, n, _ = q1.shape
+        out0, rest = plain_around_edit_cond(q, k, v)
         lab, s = self.layer(n, q.device)
         weight = self.weight(step, LAYOUT_SELF_STRENGTH)
         chunk = max(1, SCORE_BUDGET // (heads * n * n))
@@ -166,8 +167,16 @@ class Layout:
                 scores = torch.matmul(q1[a:b].float(), k1[a:b].float().transpose(-1, -2)) * q1.shape[-1] ** -0.5
                 positive = (lab[a:b, :, None] == lab[a:b, None, :])[:, None]
                 probs = modulate(scores, positive, s[a:b, None], weight).softmax(dim=-1)
-                parts.append(torch.matmul(probs, v1[a:b].float()).to(out.dtype))
-        return torch.cat([out[:f], torch.cat(parts), out[2 * f:]])
+                parts.append(torch.matmul(probs, v1[a:b].float()).to(out0.dtype))
+        return torch.cat([out0, torch.cat(parts), rest])
+
+
+def plain_around_edit_cond(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain fused attention of the slots the layout leaves alone: (edit-uncond, recon-uncond + recon-cond);
+    the edit-cond slot, which the caller replaces, is not computed."""
+    f = q.shape[0] // 4
+    return (F.scaled_dot_product_attention(q[:f], k[:f], v[:f]),
+            F.scaled_dot_product_attention(q[2 * f:], k[2 * f:], v[2 * f:]))
 
 
 # ----------------------------------------------------------------------------------------- SA-II per object
