@@ -14,12 +14,13 @@ from stages.common.errors import first_line
 STAGE_DIRS = ("video", "masks", "inversion", "edits", "eval")
 
 
-def run_info(path: str | Path) -> dict[str, Any]:
-    """Summarise workspace `path` as a JSON-friendly dict (missing parts are simply absent/None)."""
+def run_info(path: str | Path, stale: dict[str, tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Summarise workspace `path` as a JSON-friendly dict (missing parts are simply absent/None); `stale`:
+    its staleness(ws) when the caller has it already (it reads and hashes the arrays)."""
     ws = Workspace.open(path)
     attrs = ws.attrs
     source = attrs.get("source") or {}
-    stale = staleness(ws)
+    stale = staleness(ws) if stale is None else stale
     result: dict[str, Any] = {
         "workspace": str(ws.path.resolve()),
         "schema": attrs.get("schema"),
@@ -416,10 +417,11 @@ def _pct(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------- --check
-def check_workspace(path: str | Path) -> dict[str, Any]:
+def check_workspace(path: str | Path, stale: dict[str, tuple[str, str]] | None = None) -> dict[str, Any]:
     """`vd info --check`: decode every chunk of every array and check that the stages agree with their
     done flags and with each other's shapes. Returns {ok, arrays, problems: [{name, problem, fix}],
-    notes: [...]}; a stage being written right now (a live lock) is reported, not judged."""
+    notes: [...], stale: [...]}; a stage being written right now (a live lock) is reported, not judged.
+    `stale`: staleness(ws) when the caller has it already."""
     from stages.io import locks as stagelock
     from stages.common.errors import InputError
     from stages.io.workspace import remedy
@@ -466,7 +468,8 @@ def check_workspace(path: str | Path) -> dict[str, Any]:
             problem(f"{base}/frames", f"shape {list(shapes[f'{base}/frames'])} does not match the frames "
                                       f"{list(frames)}")
     busy = {n.split(":")[0] for n in notes if "being written" in n}
-    stale = [{"name": name, "why": why, "fix": fix} for name, (why, fix) in staleness(ws).items()
+    stale = [{"name": name, "why": why, "fix": fix}
+             for name, (why, fix) in (staleness(ws) if stale is None else stale).items()
              if name not in busy and not any(p["name"].startswith(name) for p in problems)]
     return {"workspace": str(ws.path.resolve()), "ok": not problems, "arrays": len(arrays),
             "problems": problems, "notes": notes, "stale": stale}

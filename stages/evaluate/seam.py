@@ -94,8 +94,8 @@ def measure(ws: Workspace, name: str, attrs: dict[str, Any], path: Path, record:
     settings = record.get("settings") or {}
     feather = float(settings.get("feather") or 0)
     positions = export_positions(indices, bool(settings.get("whole_clip")), bool(source.get("fps_sample")))
-    sources = _frames(iter_source(media, indices[-1]))
-    exports = _frames(iter_source(exported, positions[-1]))
+    sources = iter_source(media, indices[-1])
+    exports = iter_source(exported, positions[-1])
     values: list[float | None] = []
     for k, (index, position) in enumerate(zip(indices, positions)):
         src, out = _seek(sources, index, media.path), _seek(exports, position, path)
@@ -129,13 +129,9 @@ def band_difference(export: np.ndarray, source: np.ndarray, region: np.ndarray |
     return seam_error(export[v0:v1, u0:u1], source[v0:v1, u0:u1], (distance > 0) & (distance <= width))
 
 
-def _frames(frames: Iterator[Any]) -> Iterator[tuple[int, np.ndarray]]:
+def _seek(frames: Iterator[Any], index: int, path: Path) -> np.ndarray:
+    """The RGB of decoded frame `index` (frames before it are skipped without converting them)."""
     for frame in frames:
-        yield frame.index, frame.rgb()
-
-
-def _seek(frames: Iterator[tuple[int, np.ndarray]], index: int, path: Path) -> np.ndarray:
-    for k, rgb in frames:
-        if k == index:
-            return rgb
+        if frame.index == index:
+            return frame.rgb()
     raise InputError(f"{path} ends before frame {index}")

@@ -43,7 +43,7 @@ def is_current(ws: Workspace, cfg: ExportConfig) -> tuple[bool, str]:
         return False, f"the export {out} was made with other settings ({', '.join(changed)})"
     if record.get("edit") != edit_identity(attrs):
         return False, f"edit {name!r} was redone after the export {out}"
-    changed = masks_changed(ws, name, edit_region(ws, attrs).arrays)
+    changed = masks_changed(ws, attrs, edit_region(ws, attrs).arrays)
     if changed:
         return False, f"{', '.join(changed)} changed since edit {name!r} was made"
     return True, ""

@@ -153,20 +153,16 @@ def iter_source(media: SourceMedia, stop: int | None = None) -> Iterator[SourceF
 # ----------------------------------------------------------------------------------------- encoders
 def encoder_of(codec: str) -> str:
     """The first FFmpeg encoder this build has for `codec`; InputError naming the alternatives otherwise."""
-    import av
-
     for name in CODECS[codec].encoders:
-        try:
-            av.Codec(name, "w")
+        if _has(name):
             return name
-        except Exception:  # not in this FFmpeg build
-            continue
     have = [c for c in CODECS if c != codec and any(_has(e) for e in CODECS[c].encoders)]
     raise InputError(f"this FFmpeg build has no {codec} encoder ({'/'.join(CODECS[codec].encoders)}); "
                      f"use --codec {' or '.join(have) or '?'}")
 
 
 def _has(encoder: str) -> bool:
+    """Whether this FFmpeg build has the encoder."""
     import av
 
     try:

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ class EditRegion:
 
     kind: str
     arrays: tuple[str, ...] = ()
+    opened: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # name -> zarr array
 
     def frame(self, ws: Workspace, k: int) -> np.ndarray | None:
         """Bool (H, W) region of frame k; None means the whole frame."""
@@ -32,7 +33,9 @@ class EditRegion:
             return None
         union = None
         for name in self.arrays:
-            arr = ws.array(name)
+            arr = self.opened.get(name)
+            if arr is None:  # opened once, read frame by frame
+                arr = self.opened[name] = ws.array(name)
             try:
                 m = np.asarray(arr[k]) > 0
             except Exception as exc:  # a chunk that does not decode

@@ -55,12 +55,12 @@ def pick_edit(ws: Workspace, name: str | None) -> str:
     return name
 
 
-def masks_changed(ws: Workspace, name: str, arrays: tuple[str, ...]) -> list[str]:
-    """The mask arrays the export pastes with that changed since edit `name` read them (its `reads` record);
-    an edit without a record is taken as it is. Cheap: no model code is imported."""
+def masks_changed(ws: Workspace, attrs: dict[str, Any], arrays: tuple[str, ...]) -> list[str]:
+    """The mask arrays the export pastes with that changed since the edit (group attrs `attrs`) read them
+    (its `reads` record); an edit without a record is taken as it is. Cheap: no model code is imported."""
     from stages.io.reads import Reads
 
-    recorded = ws.group_attrs(f"edits/{name}").get("reads") or {}
+    recorded = attrs.get("reads") or {}
     return Reads(ws).changed({a: recorded[a] for a in arrays if a in recorded})
 
 
@@ -189,7 +189,7 @@ def run_export(workspace: Workspace | str | Path, cfg: ExportConfig,
     locks.hold(ws.path, f"edits/{name}", "vd export", f"edit {name!r} in {ws.path}", shared=True)
     attrs = ws.group_attrs(f"edits/{name}")
     region = edit_region(ws, attrs)
-    changed = masks_changed(ws, name, region.arrays)
+    changed = masks_changed(ws, attrs, region.arrays)
     if changed:
         raise InputError(f"{', '.join(changed)} changed since edit {name!r} was made, so its region no longer "
                          f"matches its frames; redo it with `vd edit {ws.path} --name {name} --force ...`")

@@ -74,15 +74,6 @@ def parse_json(data: bytes, path: str = "") -> dict[str, Any]:
     return value
 
 
-def etag(fs: Any, path: str) -> str | None:
-    """The object's ETag (S3), None when absent or unknown."""
-    fs.invalidate_cache(path)  # a cached listing would give an old ETag
-    try:
-        return fs.info(path).get("ETag")
-    except FileNotFoundError:
-        return None
-
-
 def info(fs: Any, path: str) -> dict[str, Any] | None:
     """The store's fresh metadata of `path` (no cached listing), None when absent."""
     fs.invalidate_cache(path)

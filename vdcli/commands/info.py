@@ -21,12 +21,13 @@ def info(
     """Summarise a workspace: source, frames, masks, inversion, edits, eval, sizes."""
 
     def work(progress):  # type: ignore[no-untyped-def]
-        from stages.info import check_workspace, run_info
+        from stages.info import check_workspace, run_info, staleness
+        from stages.io.workspace import Workspace
 
-        result = run_info(workspace)
-        if check:
-            result["check"] = check_workspace(workspace)
-        return result
+        if not check:
+            return run_info(workspace)
+        stale = staleness(Workspace.open(workspace))  # reads and hashes the arrays: once for both
+        return {**run_info(workspace, stale), "check": check_workspace(workspace, stale)}
 
     def human(result: dict) -> None:  # type: ignore[type-arg]
         from stages.info import format_check, format_info
