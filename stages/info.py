@@ -47,20 +47,18 @@ def geometry_of(source: dict[str, Any]) -> dict[str, Any] | None:
     """How the workspace sits on its source (what `vd export` inverts): source and workspace size, resize
     mode, scale, the source box the workspace covers (crop) or where the picture sits in it (pad), and the
     span of source frames. None for a workspace that records no source size."""
-    from stages.io.video import fit_geometry
-    from stages.method.composite import Geometry
+    from stages.export.run import fit
 
     try:
         src = tuple(int(v) for v in source["source_size"])
         size = tuple(int(v) for v in source["size"])
-        mode = str(source.get("resize") or "crop")
-        scaled, offset = fit_geometry(src, size, mode)  # type: ignore[arg-type]
+        geom = fit(src, size, str(source.get("resize") or "crop"))  # type: ignore[arg-type]
     except Exception:  # an old or hand-made workspace: nothing to show
         return None
-    geom = Geometry(src, size, mode, tuple(scaled), tuple(offset))  # type: ignore[arg-type]
     out = geom.describe()
-    if mode == "pad":
-        out["pad_box"] = {"x": offset[1], "y": offset[0], "width": scaled[1], "height": scaled[0]}
+    if geom.mode == "pad":
+        (oy, ox), (sh, sw) = geom.offset, geom.scaled
+        out["pad_box"] = {"x": ox, "y": oy, "width": sw, "height": sh}
     out["span"] = _span(source)
     return out
 

@@ -79,7 +79,7 @@ def measure(ws: Workspace, name: str, attrs: dict[str, Any], path: Path, record:
     for a frame whose region has no band. Streams both clips frame by frame."""
     from stages.export.media import iter_source, probe_source
     from stages.export.region import edit_region
-    from stages.export.run import geometry, indices_of, resolve_source
+    from stages.export.run import geometry, indices_of, is_sampled, resolve_source
 
     source = dict(ws.attrs.get("source") or {})
     media = probe_source(resolve_source(source, None))
@@ -93,7 +93,7 @@ def measure(ws: Workspace, name: str, attrs: dict[str, Any], path: Path, record:
     indices = indices_of(source, count)
     settings = record.get("settings") or {}
     feather = float(settings.get("feather") or 0)
-    positions = export_positions(indices, bool(settings.get("whole_clip")), bool(source.get("fps_sample")))
+    positions = export_positions(indices, bool(settings.get("whole_clip")), is_sampled(source, indices))
     sources = iter_source(media, indices[-1])
     exports = iter_source(exported, positions[-1])
     values: list[float | None] = []
@@ -103,12 +103,11 @@ def measure(ws: Workspace, name: str, attrs: dict[str, Any], path: Path, record:
     return values
 
 
-def export_positions(indices: list[int], whole_clip: bool, fps_sampled: bool) -> list[int]:
+def export_positions(indices: list[int], whole_clip: bool, sampled: bool) -> list[int]:
     """The export's frame number of each workspace frame: the source index (--whole-clip), the workspace
     frame number (a sampled workspace exports only its frames) or the offset into the span."""
     if whole_clip:
         return list(indices)
-    sampled = fps_sampled or any(b - a != 1 for a, b in zip(indices, indices[1:]))
     return list(range(len(indices))) if sampled else [i - indices[0] for i in indices]
 
 

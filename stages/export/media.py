@@ -17,8 +17,9 @@ import numpy as np
 
 from stages.common.errors import InputError, first_line
 from stages.export.config import CODECS
+from stages.io.video import FOLDER_FPS, list_images, probe, read_image
 
-FOLDER_RATE = Fraction(8)  # an image folder has no frame rate; vd mask uses 8 fps for one
+FOLDER_RATE = Fraction(FOLDER_FPS)  # an image folder has no frame rate; vd mask uses this one
 _NAMES = {  # FFmpeg's names of the common colour tags (the numbers are H.273's)
     "primaries": {1: "bt709", 2: "unknown", 5: "bt470bg", 6: "smpte170m", 9: "bt2020", 12: "smpte432"},
     "trc": {1: "bt709", 2: "unknown", 6: "smpte170m", 13: "iec61966-2-1", 14: "bt2020-10", 16: "smpte2084",
@@ -65,10 +66,8 @@ def probe_source(path: Path) -> SourceMedia:
     import av
 
     if path.is_dir():
-        from stages.io.video import list_images, read_frames
-
-        first, _ = read_frames(path, [0])
-        return SourceMedia(path, "folder", first.shape[1:3], FOLDER_RATE, len(list_images(path)))
+        info = probe(path)
+        return SourceMedia(path, "folder", info.size, FOLDER_RATE, int(info.frames or 0))
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -121,19 +120,10 @@ class SourceFrame:
 def iter_source(media: SourceMedia, stop: int | None = None) -> Iterator[SourceFrame]:
     """Decode the source in order, frame by frame (index counted as vd mask counts), up to index `stop`."""
     if media.kind == "folder":
-        from PIL import Image
-
-        from stages.io.video import list_images
-
         for k, image in enumerate(list_images(media.path)):
             if stop is not None and k > stop:
                 return
-            try:
-                with Image.open(image) as img:
-                    rgb = np.asarray(img.convert("RGB"))
-            except Exception as exc:  # the same failure vd mask reports for an unreadable image
-                raise InputError(f"{image} is not a readable image ({first_line(exc)})") from None
-            yield SourceFrame(k, k / float(media.rate), rgb)
+            yield SourceFrame(k, k / float(media.rate), read_image(image))
         return
     import av
 

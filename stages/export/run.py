@@ -82,10 +82,16 @@ def resolve_source(source: dict[str, Any], given: str | None) -> Path:
     return path
 
 
-def geometry(source: dict[str, Any], media: SourceMedia) -> Geometry:
-    """The workspace's resize as recorded by `vd mask`, checked against the decoded source size."""
+def fit(source_hw: tuple[int, int], size: tuple[int, int], mode: str) -> Geometry:
+    """The Geometry of vd mask's resize (stages.io.video.fit_geometry) of source_hw frames to `size`."""
     from stages.io.video import fit_geometry
 
+    scaled, offset = fit_geometry(source_hw, size, mode)
+    return Geometry(source_hw, size, mode, tuple(scaled), tuple(offset))  # type: ignore[arg-type]
+
+
+def geometry(source: dict[str, Any], media: SourceMedia) -> Geometry:
+    """The workspace's resize as recorded by `vd mask`, checked against the decoded source size."""
     size = tuple(int(v) for v in source.get("size") or ())
     recorded = tuple(int(v) for v in source.get("source_size") or media.size)
     if len(size) != 2:
@@ -93,9 +99,7 @@ def geometry(source: dict[str, Any], media: SourceMedia) -> Geometry:
     if recorded != tuple(media.size):
         raise InputError(f"the source decodes at {media.size[1]}x{media.size[0]} but the workspace was made from "
                          f"{recorded[1]}x{recorded[0]} frames; export needs the original clip")
-    mode = str(source.get("resize") or "crop")
-    scaled, offset = fit_geometry(recorded, size, mode)
-    return Geometry(recorded, size, mode, tuple(scaled), tuple(offset))
+    return fit(recorded, size, str(source.get("resize") or "crop"))  # type: ignore[arg-type]
 
 
 def indices_of(source: dict[str, Any], frames: int) -> list[int]:
@@ -105,6 +109,11 @@ def indices_of(source: dict[str, Any], frames: int) -> list[int]:
         return [int(i) for i in indices]
     start, stride = int(source.get("start") or 0), int(source.get("stride") or 1)
     return [start + k * stride for k in range(frames)]
+
+
+def is_sampled(source: dict[str, Any], indices: list[int]) -> bool:
+    """Whether the workspace holds sampled frames (--fps, or a stride) rather than a consecutive span."""
+    return bool(source.get("fps_sample")) or any(b - a != 1 for a, b in zip(indices, indices[1:]))
 
 
 def out_rate(source: dict[str, Any], media: SourceMedia) -> Fraction:
@@ -207,7 +216,7 @@ def run_export(workspace: Workspace | str | Path, cfg: ExportConfig,
     indices = indices_of(source, count)
     if len(indices) != count:
         raise InputError(f"edit {name!r} has {count} frames, the workspace records {len(indices)}; redo the edit")
-    sampled = bool(source.get("fps_sample")) or any(b - a != 1 for a, b in zip(indices, indices[1:]))
+    sampled = is_sampled(source, indices)
     if sampled and cfg.whole_clip:
         raise UsageError("--whole-clip needs a workspace of consecutive frames (this one was sampled with "
                          "--stride/--fps); export without --whole-clip to get the sampled frames at the "

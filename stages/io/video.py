@@ -97,7 +97,7 @@ def probe(path: str | Path) -> SourceInfo:
         images = list_images(path)
         if not images:
             raise InputError(f"folder {path} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        first = _read_image(images[0])
+        first = read_image(images[0])
         return SourceInfo(path, "folder", FOLDER_FPS, first.shape[:2], len(images))
     if not os.access(path, os.R_OK):
         raise InputError(f"{path} is not readable (permission denied)")
@@ -146,7 +146,7 @@ def read_frames(path: str | Path, indices: Sequence[int]) -> tuple[np.ndarray, i
         images = list_images(path)
         if wanted[-1] >= len(images):
             raise InputError(f"{path} has {len(images)} frames; the selection needs frame {wanted[-1]}")
-        frames = [_read_image(images[i]) for i in wanted]
+        frames = [read_image(images[i]) for i in wanted]
         shapes = {f.shape for f in frames}
         if len(shapes) > 1:
             raise InputError(f"images in {path} differ in size ({sorted(s[:2] for s in shapes)})")
@@ -172,7 +172,8 @@ def read_frames(path: str | Path, indices: Sequence[int]) -> tuple[np.ndarray, i
     return np.stack([got[i] for i in wanted]), total
 
 
-def _read_image(path: Path) -> np.ndarray:
+def read_image(path: Path) -> np.ndarray:
+    """One image file as uint8 RGB (H, W, 3); InputError when it cannot be read."""
     from PIL import Image
 
     try:

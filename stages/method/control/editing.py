@@ -199,6 +199,14 @@ class LocalBlend:
         return union.float()
 
 
+def plain_around_edit_cond(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain fused attention of the slots the layout leaves alone: (edit-uncond, recon-uncond + recon-cond);
+    the edit-cond slot, which the caller replaces, is not computed."""
+    f = q.shape[0] // 4
+    return (F.scaled_dot_product_attention(q[:f], k[:f], v[:f]),
+            F.scaled_dot_product_attention(q[2 * f:], k[2 * f:], v[2 * f:]))
+
+
 # ----------------------------------------------------------------------------------------- installer
 @dataclass
 class EditAttention:
@@ -307,8 +315,6 @@ class EditAttention:
             v0, v1, v2, v3 = slots(v)
             if lay and not edit and not use_blend:  # layout only: the other slots stay the plain fused attention
                 self.usage["layout"] += 1
-                from stages.method.control.layout import plain_around_edit_cond
-
                 out0, rest = plain_around_edit_cond(q, k, v)
                 return torch.cat([out0, torch.matmul(self.layout.cross_probs(q1, k1, step), v1), rest])
             p1 = self.layout.cross_probs(q1, k1, step) if lay else attention_probs(q1, k1)

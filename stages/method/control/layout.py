@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.method.control import editing
-from stages.method.control.editing import block_level, layer_hw, slots
+from stages.method.control.editing import block_level, layer_hw, plain_around_edit_cond, slots
 
 LAYOUT_STEPS = 0.3  # modulation for steps < int(S * layout_steps): VideoGrain's 15 of 50
 LAYOUT_STRENGTH = 1.0  # --layout-strength: a multiplier of both lambdas below
@@ -169,14 +169,6 @@ class Layout:
                 probs = modulate(scores, positive, s[a:b, None], weight).softmax(dim=-1)
                 parts.append(torch.matmul(probs, v1[a:b].float()).to(out0.dtype))
         return torch.cat([out0, torch.cat(parts), rest])
-
-
-def plain_around_edit_cond(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plain fused attention of the slots the layout leaves alone: (edit-uncond, recon-uncond + recon-cond);
-    the edit-cond slot, which the caller replaces, is not computed."""
-    f = q.shape[0] // 4
-    return (F.scaled_dot_product_attention(q[:f], k[:f], v[:f]),
-            F.scaled_dot_product_attention(q[2 * f:], k[2 * f:], v[2 * f:]))
 
 
 # ----------------------------------------------------------------------------------------- SA-II per object
