@@ -13,8 +13,6 @@ On a machine without CUDA (and no --device cpu) it prints one line and exits 0.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import platform
 import sys
 import tempfile
 import time
@@ -148,8 +146,8 @@ def smoke(args: argparse.Namespace) -> Stages:
 def record(args: argparse.Namespace, stages: Stages) -> None:
     import torch
 
-    device = torch.cuda.get_device_name() if stages.cuda else platform.processor() or "cpu"
-    lines = [f"\n## smoke-gpu {dt.date.today().isoformat()} {B.commit_id()} on {device}\n",
+    device = B.device_name(args.device if stages.cuda else "cpu")
+    lines = [f"\n## smoke-gpu {B.utc_stamp()} {B.commit_id()} on {device}\n",
              f"`python bench/smoke_gpu.py` ({args.model}, {args.frames} x {args.px}², {args.dtype}, "
              f"{args.steps} steps, {args.null_steps} null-text iterations, torch {torch.__version__})\n",
              "| stage | seconds | peak GiB | predicted GiB | off |", "|---|---|---|---|---|"]
