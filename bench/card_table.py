@@ -40,8 +40,8 @@ def usable(card_gb: int) -> int:
 
 
 def compute() -> dict[str, Any]:
-    """{stage: {card: {"WxH": {"off": frames, "blocks": frames}}}}: the largest window (one window: a clip of
-    that many frames) whose stage peak fits the card without / with block checkpointing (0: none)."""
+    """{stage: {card: {"WxH": {level: frames}}}}: the largest window (one window: a clip of that many frames)
+    whose stage peak fits the card at each checkpointing level (0: none; stages without a backward: off)."""
     out: dict[str, Any] = {}
     for stage, passes in STAGES.items():
         grad = any(p in memory.GRAD_PASSES for p in passes)
@@ -49,9 +49,9 @@ def compute() -> dict[str, Any]:
         for card in CARDS:
             row = {}
             for h, w in SIZES:
-                off = memory.largest_window(passes, h, w, usable(card), "bf16", "off", MAX_WINDOW)
-                blocks = memory.largest_window(passes, h, w, usable(card), "bf16", "blocks", MAX_WINDOW) if grad else off
-                row[f"{w}x{h}"] = {"off": off, "blocks": blocks}
+                levels = memory.LEVELS if grad else memory.LEVELS[:1]
+                row[f"{w}x{h}"] = {level: memory.largest_window(passes, h, w, usable(card), "bf16", level, MAX_WINDOW)
+                                   for level in levels}
             out[stage][card] = row
     return out
 
@@ -96,13 +96,13 @@ def markdown(data: dict[str, Any]) -> str:
     lines = []
     for stage, rows in data.items():
         grad = any(p in memory.GRAD_PASSES for p in STAGES[stage])
-        what = ("largest window (frames per UNet call, at most 32) without / with `--checkpointing blocks`"
-                if grad else "largest window (frames per UNet call, at most 32; no backward pass)")
+        what = (f"largest window (frames per UNet call, at most 32) with `--checkpointing` "
+                f"{' / '.join(memory.LEVELS)}" if grad else "largest window (frames per UNet call, at most 32; no "
+                                                            "backward pass)")
         lines += [f"**{stage}**: {what}", "", "| card | " + " | ".join(heads) + " |",
                   "|---|" + "---|" * len(heads)]
         for card, row in rows.items():
-            cells = [(f"{c['off'] or '–'} / {c['blocks'] or '–'}" if grad else str(c["off"] or "–"))
-                     for c in row.values()]
+            cells = [" / ".join(str(c[level] or "–") for level in c) for c in row.values()]
             lines.append(f"| {card} GB ({usable(card) / memory.GIB:.1f} GiB) | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

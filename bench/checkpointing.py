@@ -1,4 +1,4 @@
-"""Time cost of `vd invert --checkpointing blocks` on the full SD1.5 + AnimateDiff v3 architecture (CPU).
+"""Time cost of `vd invert --checkpointing blocks|layers` on the full SD1.5 + AnimateDiff v3 architecture (CPU).
 
     python bench/checkpointing.py                      # 128 px, 2 frames, 1 thread, 2 repeats; prints the rows
     python bench/checkpointing.py --record             # and appends them to bench/RESULTS.md
@@ -9,7 +9,7 @@ Random weights (`sd15-random`), float32 on the CPU. Times, with and without chec
 runs; checks that both give the same
 gradients. Also times a no-grad forward: with ARCHITECTURE.md §7's 1.1 TFLOP per 512 px frame (scaled by
 the latent tokens) that is the CPU throughput figure `vd invert --dry-run` uses (an estimate).
-Memory is bench/memory.py's job (its "+blocks" rows).
+Memory is bench/memory.py's job (its "+blocks" and "+layers" rows).
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def measure(px: int, frames: int, repeats: int) -> dict[str, Any]:
     import torch
 
     from stages.invert import DEFAULT_STDG, STDG, Passes
-    from stages.invert.checkpointing import checkpointed_blocks
+    from stages.invert.checkpointing import checkpointed
+    from stages.models.memory import LEVELS
     from stages.method.control.controller import AttentionController, install
     from stages.method.guidance import RegionMasks, needs_terms
     from stages.models.load import load_models
@@ -84,29 +85,35 @@ def measure(px: int, frames: int, repeats: int) -> dict[str, Any]:
     row: dict[str, Any] = {"load_s": load_s}
     row["forward_s"] = min(timed(forward)[0] for _ in range(repeats))
     for _ in range(repeats):  # interleaved, best of `repeats` each
-        for mode in ("off", "blocks"):
-            with checkpointed_blocks(models.unet, controller, mode == "blocks"):
+        for mode in LEVELS:
+            with checkpointed(models.unet, controller, mode):
                 for name, fn in (("stdg", lambda: stdg.gradient(z_t, T_STEP, targets)[0]), ("null", null_text)):
                     seconds, row[f"{name}_{mode}"] = timed(fn)
                     row[f"{name}_{mode}_s"] = min(seconds, row.get(f"{name}_{mode}_s", float("inf")))
-    row["stdg_diff"] = rel_diff(row.pop("stdg_off"), row.pop("stdg_blocks"))
-    row["null_diff"] = rel_diff(row.pop("null_off"), row.pop("null_blocks"))
+    for name in ("stdg", "null"):
+        off = row.pop(f"{name}_off")
+        for mode in LEVELS[1:]:
+            row[f"{name}_{mode}_diff"] = rel_diff(off, row.pop(f"{name}_{mode}"))
     tflop = 1.1 * h * w / 4096 * frames
     row["cpu_gflops"] = tflop * 1000 / row["forward_s"]
     return row
 
 
 def report(row: dict[str, Any], px: int, frames: int, threads: int) -> list[str]:
-    def cost(name: str) -> str:
-        return f"+{100 * (row[f'{name}_blocks_s'] / row[f'{name}_off_s'] - 1):.0f}%"
+    from stages.models.memory import LEVELS
 
+    def cells(name: str) -> str:
+        off = row[f"{name}_off_s"]
+        return f"{off:.2f} | " + " | ".join(
+            f"{row[f'{name}_{m}_s']:.2f} (+{100 * (row[f'{name}_{m}_s'] / off - 1):.0f}%) | {row[f'{name}_{m}_diff']:.1e}"
+            for m in LEVELS[1:])
+
+    head = " | ".join(f"{m} CPU s (time cost) | {m} max relative difference" for m in LEVELS[1:])
     return [
-        "| pass | off CPU s | blocks CPU s | time cost | max relative difference |",
-        "|---|---|---|---|---|",
-        f"| STDG grad pass (forward cut after up_blocks.2 + backward to z) | {row['stdg_off_s']:.2f} | "
-        f"{row['stdg_blocks_s']:.2f} | {cost('stdg')} | {row['stdg_diff']:.1e} |",
-        f"| null-text iteration (forward + backward to phi) | {row['null_off_s']:.2f} | {row['null_blocks_s']:.2f} | "
-        f"{cost('null')} | {row['null_diff']:.1e} |",
+        f"| pass | off CPU s | {head} |",
+        "|---|---|" + "---|---|" * (len(LEVELS) - 1),
+        f"| STDG grad pass (forward cut after up_blocks.2 + backward to z) | {cells('stdg')} |",
+        f"| null-text iteration (forward + backward to phi) | {cells('null')} |",
         "",
         f"No-grad forward {row['forward_s']:.2f} CPU s: {row['cpu_gflops']:.0f} GFLOP/s at {threads} thread(s) with "
         f"ARCHITECTURE.md §7's 1.1 TFLOP per 512 px frame scaled to {px} px x {frames} frames (an estimate: "

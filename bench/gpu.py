@@ -2,14 +2,14 @@
 the measured peak against the predicted one, the time per step, the memory outside torch (the CUDA context,
 against `--plan-for`'s 0.5 GiB allowance) and whether the levels give the same results.
 
-    python bench/gpu.py                      # sd15-random, 16 frames, 512 px, bf16, 8 steps, 10 null steps: off, blocks
-    python bench/gpu.py --levels off,blocks,auto --steps 10
+    python bench/gpu.py                      # sd15-random, 16 x 512 px, bf16, 8 x 10 null steps: off, blocks, layers
+    python bench/gpu.py --levels off,layers,auto --steps 10
     python bench/gpu.py --device cpu --model tiny --frames 2 --px 64 --steps 2 --null-steps 1 --no-record  # smoke
 
 The model loads once (random weights: the same compute and memory as real ones); each run inverts a fresh
 copy of a generated clip (a moving disc and its exact mask) with `vd invert`'s own entry point
 (stages.invert.run_invert), `--checkpointing LEVEL`. `off` runs a second time (unless --no-repeat) so the
-equality of `blocks` can be read against the run-to-run difference of the GPU kernels. Peak memory:
+equality of `blocks` and `layers` can be read against the run-to-run difference of the GPU kernels. Peak memory:
 torch.cuda.max_memory_allocated over the run, model resident (the prediction includes the weights too);
 predicted: stages.invert.plan.plan_invert's memory.peak for that level (stages.models.memory). Time per
 step: the middle steps' mean (inversion/step_stats), next to the dry run's estimate for this GPU (worst
@@ -44,15 +44,17 @@ GIB = 1 << 30
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     B.full_size_args(ap, 8, 10, "DDIM steps (the per-step cost does not depend on it)")
-    ap.add_argument("--levels", default="off,blocks", help="comma-separated --checkpointing levels")
+    ap.add_argument("--levels", default="off,blocks,layers", help="comma-separated --checkpointing levels")
     ap.add_argument("--no-repeat", action="store_true", help="do not run `off` a second time (noise floor)")
     ap.add_argument("--budget-s", type=float, default=360.0, help="start no new run after this many seconds")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
+    from stages.invert.checkpointing import MODES
+
     levels = [x.strip() for x in args.levels.split(",") if x.strip()]
-    bad = [x for x in levels if x not in ("off", "blocks", "auto")]
+    bad = [x for x in levels if x not in MODES]
     if bad or not levels:
-        ap.error(f"--levels: unknown level(s) {bad or levels}; use off, blocks, auto")
+        ap.error(f"--levels: unknown level(s) {bad or levels}; use {', '.join(MODES)}")
     if args.frames < 1 or args.px < 64 or args.px % 64 or args.steps < 2 or args.null_steps < 0:
         ap.error("--frames >= 1, --px a multiple of 64, --steps >= 2, --null-steps >= 0")
     args.runs = levels + ([] if args.no_repeat or "off" not in levels else ["off"])
@@ -77,7 +79,7 @@ def one_run(ws_path: Path, level: str, models: Any, args: argparse.Namespace) ->
     from stages.common.config import build_config
     from stages.common.progress import Progress
     from stages.invert import STAT_COLUMNS, InvertConfig, run_invert
-    from stages.invert.plan import _forward_equivalents, plan_invert
+    from stages.invert.plan import forward_equivalents, plan_invert
     from stages.io.workspace import Workspace
 
     B.make_workspace(ws_path, args.frames, args.px)
@@ -108,7 +110,7 @@ def one_run(ws_path: Path, level: str, models: Any, args: argparse.Namespace) ->
         from stages.invert.passes import clip_windows
 
         windows = clip_windows(args.frames, cfg, 32)
-        fe = [_forward_equivalents(dataclasses.replace(cfg, null_steps=n), windows, used == "blocks")["middle_step"]
+        fe = [forward_equivalents(dataclasses.replace(cfg, null_steps=n), windows, used != "off")["middle_step"]
               for n in (0, 1)]
         est_at_inner = est * (fe[0] + inner * (fe[1] - fe[0])) / plan["time"]["forward_equivalents_per_step"]
     predicted = plan["memory"]["peak"].get(used or level)

@@ -2,7 +2,7 @@
 
     python bench/memory.py                                # everything: bf16 (GPU emulation) and fp32, 3 sizes
     python bench/memory.py --dtypes fp32 --sizes 512 --frames 1,2 --passes null_text   # one quick row set
-    python bench/memory.py --real-check                   # plus one real (non-fake) point against the fake one
+    python bench/memory.py --real-check                   # plus real (non-fake) points against the fake ones
     python bench/memory.py --record                       # append the tables to bench/RESULTS.md
     python bench/memory.py --json a.json ...; bench/memory.py --load a.json b.json   # fit runs made apart
 
@@ -52,10 +52,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 RESULTS = ROOT / "bench" / "RESULTS.md"
 
 import bench as B  # noqa: E402  (the shared harness: commit id)
+from stages.models.memory import GRAD_PASSES, LEVELS, PASSES  # noqa: E402  (pure Python, no torch)
 
 GIB = 1 << 30
-PASSES = ("ddim", "stdg", "null_text", "edit", "vae_encode", "vae_decode")
-GRAD_PASSES = ("stdg", "null_text")  # the passes that backpropagate (measured with and without checkpointing)
 CHUNKS = {"vae_encode": 4, "vae_decode": 1}  # frames per VAE call in stages.models (vae_encode chunk, decode 1)
 SIZES = (256, 512, 768)
 FRAMES = (1, 2, 4)
@@ -63,6 +62,7 @@ VAE_ENCODE_FRAMES = (1, 2, 4, 8)  # past one chunk of 4, to separate the chunk f
 T_STEP, T_PREV = 501, 481  # a middle step; the timestep does not change shapes
 SRC, TGT = "a red ball rolling on the floor", "a blue ball rolling on the floor"
 CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to 512 bytes
+DEVICE_OF = {"bf16": "cuda", "fp32": "cpu"}  # the run each dtype's rows stand for (predictions table)
 
 
 # ------------------------------------------------------------------------------------------ instruments
@@ -240,45 +240,6 @@ def _materialise(module: Any, dtype: Any, fake_mode: Any | None) -> None:
                 store[name] = done[id(t)]
 
 
-@contextlib.contextmanager
-def block_checkpointing(unet: Any, enabled: bool, controller: Any = None) -> Iterator[None]:
-    """Recompute every down/mid/up block in the backward (torch.utils.checkpoint, non-reentrant).
-
-    The recomputation runs with the attention handlers that were installed when the block ran forward (the
-    STDG recorders are gone by the time the backward runs; without them the recomputed graph would differ).
-    """
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
-    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks] if enabled else []
-
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def run(*args: Any, **kwargs: Any) -> Any:
-            if not torch.is_grad_enabled():
-                return fn(*args, **kwargs)
-            handlers = dict(controller.handlers) if controller is not None else None
-
-            def body(*a: Any, **k: Any) -> Any:
-                if handlers is None:
-                    return fn(*a, **k)
-                before, controller.handlers = controller.handlers, handlers
-                try:
-                    return fn(*a, **k)
-                finally:
-                    controller.handlers = before
-
-            return checkpoint(body, *args, use_reentrant=False, **kwargs)
-        return run
-
-    for block in blocks:
-        block.forward = wrap(block.forward)
-    try:
-        yield
-    finally:
-        for block in blocks:
-            del block.forward  # back to the class's forward
-
-
 # ----------------------------------------------------------------------------------------------- passes
 
 @dataclass
@@ -287,7 +248,7 @@ class Point:
 
     dtype: str
     pass_name: str
-    checkpointing: bool
+    checkpointing: str  # off | blocks | layers (stages.models.memory.LEVELS)
     px: int
     frames: int
     weights: int
@@ -323,7 +284,7 @@ def _inputs(models: Any, frames: int, px: int) -> dict[str, Any]:
 
 
 def run_pass(name: str, models: Any, frames: int, px: int, tracker: LiveStorages, param_keys: set[int],
-             checkpointing: bool = False) -> dict[str, int]:
+             checkpointing: str = "off") -> dict[str, int]:
     """Run one pass as vd runs it; returns saved/retained bytes (the caller reads the peak)."""
     import torch
 
@@ -353,13 +314,14 @@ def run_pass(name: str, models: Any, frames: int, px: int, tracker: LiveStorages
     return result
 
 
-def _null_text(models: Any, x: dict[str, Any], tracker: LiveStorages, param_keys: set[int], checkpointing: bool,
+def _null_text(models: Any, x: dict[str, Any], tracker: LiveStorages, param_keys: set[int], checkpointing: str,
                result: dict[str, int], start: int) -> None:
     """One inner null-text iteration as invert's _step runs it: eps_u with phi requiring grad, the DDIM
     step with CFG and STDG guidance, MSE to the trajectory's next latent, backward into phi (UNet frozen)."""
     import torch
     import torch.nn.functional as Fn
 
+    from stages.invert.checkpointing import checkpointed
     from stages.method import ddim
 
     unet_eps = models_api("unet_eps")
@@ -370,7 +332,7 @@ def _null_text(models: Any, x: dict[str, Any], tracker: LiveStorages, param_keys
         eps_c = unet_eps(models, z_t, T_STEP, x["c_src"])
     phi = x["neg"].repeat(frames, 1, 1).requires_grad_(True)
     adam_state = [torch.zeros_like(phi), torch.zeros_like(phi)]  # exp_avg, exp_avg_sq (Adam's step is skipped)
-    with block_checkpointing(models.unet, checkpointing), torch.enable_grad():
+    with checkpointed(models.unet, None, checkpointing), torch.enable_grad():
         with saved_storages(param_keys) as saved:
             eps_u = unet_eps(models, z_t, T_STEP, phi)
             z_rec = ddim.ddim_step(z_t, ddim.cfg(eps_u, eps_c, 7.5), T_STEP, T_PREV, guidance=G)
@@ -381,13 +343,14 @@ def _null_text(models: Any, x: dict[str, Any], tracker: LiveStorages, param_keys
     del adam_state
 
 
-def _stdg(models: Any, x: dict[str, Any], tracker: LiveStorages, param_keys: set[int], checkpointing: bool,
+def _stdg(models: Any, x: dict[str, Any], tracker: LiveStorages, param_keys: set[int], checkpointing: str,
           result: dict[str, int], start: int) -> None:
     """invert's STDG step: truncated GT forward to compact targets, then STDG.gradient (grad forward with the
     recorders and the graph cut after up_blocks.2, one backward to z). The float() of the losses at its very
     end cannot run on fake tensors; the backward has run by then (checked by the backward count)."""
     from torch._subclasses.fake_tensor import DataDependentOutputException
 
+    from stages.invert.checkpointing import checkpointed
     from stages.method.control.controller import AttentionController, install
     from stages.method.guidance import RegionMasks, needs_terms
 
@@ -401,7 +364,7 @@ def _stdg(models: Any, x: dict[str, Any], tracker: LiveStorages, param_keys: set
     stdg = STDG(passes, controller, RegionMasks(x["mask"], (h, w)), x["c_src"], coef)
     try:
         targets = stdg.targets(x["latents"][-2][None], T_STEP, needs_terms(coef))
-        with block_checkpointing(models.unet, checkpointing, controller), saved_storages(param_keys) as saved:
+        with checkpointed(models.unet, controller, checkpointing), saved_storages(param_keys) as saved:
             try:
                 stdg.gradient(x["latents"][-1][None], T_STEP, targets)
             except DataDependentOutputException:
@@ -477,7 +440,7 @@ def _track_weights(tracker: LiveStorages, *modules: Any) -> tuple[int, set[int]]
 
 
 def measure(dtype: str, sizes: tuple[int, ...], frames: tuple[int, ...], passes: tuple[str, ...],
-            checkpointing: tuple[bool, ...], log: Callable[[str], None] = print) -> list[Point]:
+            checkpointing: tuple[str, ...], log: Callable[[str], None] = print) -> list[Point]:
     """All requested points for one dtype, in one fake mode (vae_encode adds 8 frames to the default 1, 2, 4)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -489,7 +452,7 @@ def measure(dtype: str, sizes: tuple[int, ...], frames: tuple[int, ...], passes:
     for name in passes:
         counts = VAE_ENCODE_FRAMES if name == "vae_encode" and tuple(frames) == FRAMES else frames
         for ckpt in checkpointing:
-            if ckpt and name not in GRAD_PASSES:
+            if ckpt != "off" and name not in GRAD_PASSES:
                 continue
             for px in sizes:
                 for f in counts:
@@ -509,8 +472,11 @@ def measure(dtype: str, sizes: tuple[int, ...], frames: tuple[int, ...], passes:
     return points
 
 
-def real_point(px: int, frames: int) -> dict[str, Any]:
-    """The null-text pass at a small size on real CPU tensors (float32, zero weights): the fake check."""
+REAL_CHECKS = (("null_text", "off"), ("null_text", "layers"), ("stdg", "layers"))  # 256 px, 1 frame, fp32
+
+
+def real_point(px: int, frames: int, pass_name: str = "null_text", level: str = "off") -> dict[str, Any]:
+    """A grad pass at a small size on real CPU tensors (float32, zero weights): the fake check."""
     import torch
 
     torch.set_num_threads(1)
@@ -521,14 +487,15 @@ def real_point(px: int, frames: int) -> dict[str, Any]:
     tracker.reset_peak()
     t0 = time.perf_counter()
     with tracker.mode:
-        res = run_pass("null_text", models, frames, px, tracker, param_keys)
-    return {**res, "peak": tracker.peak, "weights": weights, "seconds": time.perf_counter() - t0}
+        res = run_pass(pass_name, models, frames, px, tracker, param_keys, level)
+    return {**res, "pass_name": pass_name, "checkpointing": level, "px": px, "frames": frames, "peak": tracker.peak,
+            "weights": weights, "seconds": time.perf_counter() - t0}
 
 
 # ------------------------------------------------------------------------------------------------- fit
 
 def fit(points: list[Point], weights: dict[str, int]) -> dict[str, dict[str, Any]]:
-    """Coefficients per dtype and pass ("<pass>+blocks" with checkpointing), the format of
+    """Coefficients per dtype and pass ("<pass>+<level>" with checkpointing), the format of
     stages.models.memory.COEFFICIENTS.
 
     At each size, least squares of peak - weights over the frame counts: const + per_frame * F for the UNet
@@ -538,7 +505,7 @@ def fit(points: list[Point], weights: dict[str, int]) -> dict[str, dict[str, Any
     """
     import numpy as np
 
-    groups: dict[tuple[str, str, bool], list[Point]] = {}
+    groups: dict[tuple[str, str, str], list[Point]] = {}
     for p in points:
         groups.setdefault((p.dtype, p.pass_name, p.checkpointing), []).append(p)
     out: dict[str, dict[str, Any]] = {}
@@ -557,7 +524,7 @@ def fit(points: list[Point], weights: dict[str, int]) -> dict[str, dict[str, Any
         entry = _token_fit(per_size)
         if chunk is not None:
             entry["chunk"] = chunk
-        out.setdefault(dtype, {})[f"{name}+blocks" if ckpt else name] = entry
+        out.setdefault(dtype, {})[name if ckpt == "off" else f"{name}+{ckpt}"] = entry
     return out
 
 
@@ -587,7 +554,7 @@ def _gib(n: float) -> str:
 
 
 def _row(p: Point) -> str:
-    ck = "blocks" if p.checkpointing else "off"
+    ck = p.checkpointing
     return (f"| {p.dtype} | {p.pass_name} | {ck} | {p.px} | {p.frames} | {_gib(p.saved_activations)} | "
             f"{_gib(p.saved_params)} | {_gib(p.retained)} | {_gib(p.peak)} | {_gib(p.peak - p.weights)} | "
             f"{p.seconds:.1f} |")
@@ -602,35 +569,38 @@ def summary_table(points: list[Point]) -> list[str]:
     """Markdown: one row per dtype, pass, checkpointing and size; peaks minus weights and the activations
     held for backward at each frame count, in GiB."""
     counts = sorted({p.frames for p in points})
-    rows: dict[tuple[str, str, bool, int], dict[int, Point]] = {}
+    rows: dict[tuple[str, str, str, int], dict[int, Point]] = {}
     for p in points:
         rows.setdefault((p.dtype, p.pass_name, p.checkpointing, p.px), {})[p.frames] = p
     head = ("| dtype | pass | checkpointing | px | " + " | ".join(f"peak-w {f}f" for f in counts) + " | "
             + " | ".join(f"held {f}f" for f in FRAMES) + " | held params |")
     lines = [head, "|" + "---|" * (5 + len(counts) + len(FRAMES))]
     order = {name: k for k, name in enumerate(PASSES)}
-    for (dtype, name, ckpt, px), by in sorted(rows.items(), key=lambda kv: (kv[0][0], order[kv[0][1]], kv[0][2],
+    for (dtype, name, ckpt, px), by in sorted(rows.items(), key=lambda kv: (kv[0][0], order[kv[0][1]],
+                                                                         LEVELS.index(kv[0][2]),
                                                                          kv[0][3])):
         peaks = [_gib(by[f].peak - by[f].weights) if f in by else "" for f in counts]
         grad = name in GRAD_PASSES
         held = [_gib(by[f].saved_activations) if f in by and grad else "" for f in FRAMES]
         params = _gib(max(p.saved_params for p in by.values())) if grad else ""
-        lines.append(f"| {dtype} | {name} | {'blocks' if ckpt else 'off'} | {px} | " + " | ".join(peaks) + " | "
+        lines.append(f"| {dtype} | {name} | {ckpt} | {px} | " + " | ".join(peaks) + " | "
                      + " | ".join(held) + f" | {params} |")
     return lines
 
 
 def predictions(coefficients: dict[str, Any], elements: dict[str, int], frames: int = 16) -> list[str]:
-    """Markdown rows: predicted peak per pass at `frames` frames for 256/512/768 px, per dtype."""
+    """Markdown rows: predicted peak per pass at `frames` frames for 256/512/768 px, per dtype: bf16 on a GPU
+    (the VAE and text encoder in host memory during the UNet passes), fp32 on the CPU (all three resident)."""
     from stages.models import memory
 
     lines = ["| dtype | pass | checkpointing | 256 px GiB | 512 px GiB | 768 px GiB |", "|---|---|---|---|---|---|"]
     for dtype, table in coefficients.items():
         for key in table:
-            name, ckpt = key.removesuffix("+blocks"), key.endswith("+blocks")
-            cells = [_gib(memory.predict_peak(name, frames, px, px, dtype, ckpt, table=coefficients,
-                                              weights=elements)) for px in SIZES]
-            lines.append(f"| {dtype} | {name} | {'blocks' if ckpt else 'off'} | " + " | ".join(cells) + " |")
+            name, _, ckpt = key.partition("+")
+            ckpt = ckpt or "off"
+            cells = [_gib(memory.predict_peak(name, frames, px, px, dtype, ckpt, device=DEVICE_OF[dtype],
+                                              table=coefficients, weights=elements)) for px in SIZES]
+            lines.append(f"| {dtype} | {name} | {ckpt} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -638,17 +608,18 @@ def fit_errors(points: list[Point], coefficients: dict[str, Any], elements: dict
     """Markdown rows: the largest relative error of predict_peak against the measured peaks, per pass."""
     from stages.models import memory
 
-    worst: dict[tuple[str, str, bool], tuple[float, Point]] = {}
+    worst: dict[tuple[str, str, str], tuple[float, Point]] = {}
     for p in points:
-        pred = memory.predict_peak(p.pass_name, p.frames, p.px, p.px, p.dtype, p.checkpointing, table=coefficients,
-                                   weights=elements)
+        # as measured: all three models resident (the weights "cpu" counts)
+        pred = memory.predict_peak(p.pass_name, p.frames, p.px, p.px, p.dtype, p.checkpointing, device="cpu",
+                                   table=coefficients, weights=elements)
         err = (pred - p.peak) / p.peak
         key = (p.dtype, p.pass_name, p.checkpointing)
         if key not in worst or abs(err) > abs(worst[key][0]):
             worst[key] = (err, p)
     lines = ["| dtype | pass | checkpointing | largest error of the fit | at |", "|---|---|---|---|---|"]
     for (dtype, name, ckpt), (err, p) in sorted(worst.items()):
-        lines.append(f"| {dtype} | {name} | {'blocks' if ckpt else 'off'} | {100 * err:+.2f}% | "
+        lines.append(f"| {dtype} | {name} | {ckpt} | {100 * err:+.2f}% | "
                      f"{p.px} px, {p.frames} frame(s) |")
     return lines
 
@@ -671,40 +642,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
     ap.add_argument("--frames", default=",".join(map(str, FRAMES)), help="vae_encode adds 8 to the default 1,2,4")
     ap.add_argument("--passes", default=",".join(PASSES))
-    ap.add_argument("--no-checkpointing", action="store_true", help="skip the checkpointed grad passes")
-    ap.add_argument("--real-check", action="store_true", help="also run one real point (256 px, 1 frame, fp32)")
+    ap.add_argument("--levels", default="off,blocks,layers", help="checkpointing levels of the grad passes")
+    ap.add_argument("--real-check", action="store_true", help="also run real points (256 px, 1 frame, fp32: "
+                                                               "null_text off and layers, stdg layers)")
     ap.add_argument("--json", help="write the points (and the real check) to this file")
     ap.add_argument("--load", nargs="*", default=[], help="points from earlier --json files (no new run "
                                                           "unless --dtypes/--passes are given too)")
     ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
-    ap.add_argument("--real-point", help=argparse.SUPPRESS)  # internal: "PX,FRAMES", run in a subprocess
+    ap.add_argument("--real-point", help=argparse.SUPPRESS)  # internal: "PX,FRAMES,PASS,LEVEL", in a subprocess
     args = ap.parse_args(argv)
     if args.real_point:
-        px, f = (int(v) for v in args.real_point.split(","))
-        print(json.dumps(real_point(px, f)))
+        px, f, name, level = args.real_point.split(",")
+        print(json.dumps(real_point(int(px), int(f), name, level)))
         return 0
     t0 = time.perf_counter()
     points: list[Point] = []
-    real = None
+    real: list[dict[str, Any]] = []
     for path in args.load:
         data = json.loads(Path(path).read_text())
-        points += [Point(**p) for p in data["points"]]
-        real = data.get("real") or real
+        points += [Point(**{**p, "checkpointing": _level(p["checkpointing"])}) for p in data["points"]]
+        found = data.get("real") or []
+        real += found if isinstance(found, list) else [found]
     explicit = any(a.startswith(("--dtypes", "--passes")) for a in (argv if argv is not None else sys.argv[1:]))
     if not args.load or explicit:
         dtypes = tuple(d for d in args.dtypes.split(",") if d)
         passes = tuple(p for p in args.passes.split(",") if p)
-        unknown = [p for p in passes if p not in PASSES] + [d for d in dtypes if d not in ("bf16", "fp32")]
+        unknown = [p for p in passes if p not in PASSES] + [d for d in dtypes if d not in ("bf16", "fp32")] \
+            + [v for v in args.levels.split(",") if v and v not in LEVELS]
         if unknown:
             ap.error(f"unknown pass or dtype: {', '.join(unknown)}")
         sizes = tuple(int(v) for v in args.sizes.split(","))
         frames = tuple(int(v) for v in args.frames.split(","))
-        ckpts = (False,) if args.no_checkpointing else (False, True)
+        ckpts = tuple(v for v in args.levels.split(",") if v)
         print(TABLE_HEAD)
         for dtype in dtypes:
             points += measure(dtype, sizes, frames, passes, ckpts)
     if args.real_check:
-        real = _run_real(256, 1, points)
+        real += [_run_real(256, 1, name, level, points) for name, level in REAL_CHECKS]
     if args.json:
         Path(args.json).write_text(json.dumps({"points": [asdict(p) for p in points], "real": real}, indent=1))
     weights = {p.dtype: p.weights for p in points}
@@ -723,6 +697,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _level(value: Any) -> str:
+    """A point's checkpointing level (files written before `layers` hold a bool: True was blocks)."""
+    return value if isinstance(value, str) else "blocks" if value else "off"
+
+
 def _weight_elements() -> dict[str, int]:
     import torch
 
@@ -731,17 +710,18 @@ def _weight_elements() -> dict[str, int]:
     return weight_counts(models)
 
 
-def _run_real(px: int, frames: int, points: list[Point]) -> dict[str, Any]:
-    """The real point in a fresh process (its 5 GB of float32 UNet weights go away with it)."""
+def _run_real(px: int, frames: int, pass_name: str, level: str, points: list[Point]) -> dict[str, Any]:
+    """A real point in a fresh process (its 5 GB of float32 UNet weights go away with it), printed next to the
+    fake one at the same point when there is one."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, __file__, "--real-point", f"{px},{frames}"], capture_output=True,
-                          text=True, env=env, cwd=ROOT)
+    proc = subprocess.run([sys.executable, __file__, "--real-point", f"{px},{frames},{pass_name},{level}"],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"real point failed: {proc.stderr.strip().splitlines()[-1:]}")
     real = json.loads(proc.stdout.strip().splitlines()[-1])
     fake = next((p for p in points if (p.dtype, p.pass_name, p.checkpointing, p.px, p.frames)
-                 == ("fp32", "null_text", False, px, frames)), None)
-    print(f"\nReal check, null_text fp32 {px} px {frames} frame(s), real CPU tensors: saved activations "
+                 == ("fp32", pass_name, level, px, frames)), None)
+    print(f"\nReal check, {pass_name} {level} fp32 {px} px {frames} frame(s), real CPU tensors: saved activations "
           f"{_gib(real['saved_activations'])} GiB, saved params {_gib(real['saved_params'])} GiB, peak - UNet "
           f"weights {_gib(real['peak'] - real['weights'])} GiB ({real['seconds']:.0f} s)")
     if fake is not None:
@@ -751,14 +731,17 @@ def _run_real(px: int, frames: int, points: list[Point]) -> dict[str, Any]:
     return real
 
 
-def _record(points: list[Point], preds: list[str], block: str, real: dict[str, Any] | None, seconds: float) -> None:
+def _record(points: list[Point], preds: list[str], block: str, real: list[dict[str, Any]], seconds: float) -> None:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"\n### {stamp} | CPU, fake-tensor measurement ({platform.machine()} x{os.cpu_count()}) | commit "
              f"{B.commit_id()} | bench/memory.py ({seconds:.0f} s)\n", *summary_table(points), "",
              "Predicted peak at 16 frames:", "", *preds, "", "```", block, "```"]
-    if real is not None:
-        shown = {k: v for k, v in real.items() if k != "fake"}
-        lines.append(f"\nReal check (null_text, fp32, real CPU tensors): {json.dumps(shown)}")
+    for point in real:
+        shown = {k: v for k, v in point.items() if k != "fake"}
+        fake = point.get("fake")
+        versus = f"; fake peak - all weights {fake['peak'] - fake['weights']}" if fake else ""
+        lines.append(f"\nReal check ({point.get('pass_name', 'null_text')} {point.get('checkpointing', 'off')}, fp32, "
+                     f"real CPU tensors): {json.dumps(shown)}{versus}")
     with RESULTS.open("a") as fh:
         fh.write("\n".join(lines) + "\n")
 

@@ -127,7 +127,7 @@ def smoke(args: argparse.Namespace) -> Stages:
                                checkpointing="off", window=max(F, 16))
         predict = cuda and args.model == "sd15-random"
         stages.run("invert", lambda: run_invert(ws, inv_cfg, progress, models=models),
-                   memory.predict_stage_peak("invert", F, px, px, dtype, False, inv_cfg.window) if predict else None)
+                   memory.predict_stage_peak("invert", F, px, px, dtype, "off", inv_cfg.window) if predict else None)
         edit = stages.run("edit", lambda: run_edits(ws, [EditConfig(prompt="blue ball", device=args.device,
                                                                     dtype=args.dtype)], progress, models=models),
                           memory.predict_stage_peak("edit", F, px, px, dtype) if predict else None)[0]["name"]

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from stages.io.video import overlay_mask  # noqa: E402
 from stages.io.workspace import Workspace  # noqa: E402
-from stages.models.memory import GIB, predict_stage_peak  # noqa: E402
+from stages.models.memory import GIB, LEVELS, predict_stage_peak  # noqa: E402
 
 
 def labelled(image: np.ndarray, text: str) -> Image.Image:
@@ -97,8 +97,8 @@ def export_strip(folder: Path, vd: Path) -> Image.Image:
 
 def memory_chart(frames: int = 16, size: int = 512, card_gib: float = 12.0) -> Image.Image:
     """Bars of the predicted peak per stage and checkpointing level (bf16 on CUDA), with a card line."""
-    bars = [(f"{stage} {'blocks' if ckpt else 'off'}", predict_stage_peak(stage, frames, size, size, "bf16", ckpt) / GIB)
-            for stage in ("invert", "edit") for ckpt in (False, True)]
+    bars = [(f"{stage} {level}", predict_stage_peak(stage, frames, size, size, "bf16", level) / GIB)
+            for stage in ("invert", "edit") for level in (LEVELS if stage == "invert" else LEVELS[:1])]
     width, height, left, top, bottom = 640, 320, 120, 30, 290
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)

@@ -1,5 +1,6 @@
-"""--checkpointing: recomputed UNet blocks give the same STDG gradient, null-text gradient and inversion as
-`off`; the STDG recorders record each layer once; `auto` decides from the memory model; preset/manifest key."""
+"""--checkpointing: recomputed UNet blocks or layers give the same STDG gradient, null-text gradient and
+inversion as `off`; the STDG recorders record each layer once; `auto` decides from the memory model;
+preset/manifest key."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from conftest import make_workspace
 from stages.common.errors import UsageError
 from stages.common.progress import Progress
 from stages.invert import DEFAULT_STDG, STDG, InvertConfig, Passes, run_invert
-from stages.invert.checkpointing import checkpointed_blocks, choose, unet_blocks
+from stages.invert.checkpointing import checkpointed, choose, unet_blocks, unet_layers, units
 from stages.models import memory
 from stages.models.oom import MemoryPlan
 
@@ -53,7 +54,30 @@ class _CountingDict(dict):
         super().__setitem__(key, value)
 
 
-def test_stdg_gradient_is_equal_and_each_layer_is_recorded_once(setup, monkeypatch):
+def test_the_units_of_each_level(tiny):
+    """blocks: the 4 down, mid and 4 up blocks; layers: every resnet, spatial transformer, motion module and
+    resampler inside them (the tiny UNet has SD1.5's layout: 2 layers per down block and 3 per up block, no
+    spatial transformer in down_blocks.3 and up_blocks.0, no motion module in the mid block)."""
+    unet = tiny.unet
+    names = {id(m): n for n, m in unet.named_modules()}
+    assert [names[id(b)] for b in units(unet, "blocks")] == [
+        "down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3", "mid_block",
+        "up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3"]
+    layers = [names[id(m)] for m in units(unet, "layers")]
+    per_block = [2 + 2 + 2 + 1] * 3 + [2 + 2] + [2 + 1] + [3 + 3 + 1] + [3 + 3 + 3 + 1] * 2 + [3 + 3 + 3]
+    assert len(layers) == len(set(layers)) == sum(per_block) == 64
+    assert layers[:7] == ["down_blocks.0.resnets.0", "down_blocks.0.resnets.1", "down_blocks.0.attentions.0",
+                          "down_blocks.0.attentions.1", "down_blocks.0.motion_modules.0",
+                          "down_blocks.0.motion_modules.1", "down_blocks.0.downsamplers.0"]
+    assert layers[25:28] == ["mid_block.resnets.0", "mid_block.resnets.1", "mid_block.attentions.0"]
+    assert layers[-1] == "up_blocks.3.motion_modules.2"
+    assert units(unet, "off") == []
+    with pytest.raises(ValueError, match="auto"):
+        units(unet, "auto")
+
+
+@pytest.mark.parametrize("level", ["blocks", "layers"])
+def test_stdg_gradient_is_equal_and_each_layer_is_recorded_once(setup, monkeypatch, level):
     from stages.method import guidance
     from stages.method.control import record
     from stages.method.guidance import RegionMasks, needs_terms
@@ -88,16 +112,16 @@ def test_stdg_gradient_is_equal_and_each_layer_is_recorded_once(setup, monkeypat
     g_off, eps_off, loss_off, _ = stdg.gradient(z_t, 501, targets)
     assert dicts[-1].stores == layers and reductions[0] == layers
     reductions[0] = 0
-    with checkpointed_blocks(models.unet, controller) as wrapped:
+    with checkpointed(models.unet, controller, level) as wrapped:
         g_on, eps_on, loss_on, _ = stdg.gradient(z_t, 501, targets)
-    assert wrapped == len(unet_blocks(models.unet))
+    assert wrapped == len(units(models.unet, level)) > 0
     # the recomputation ran every recorded layer's reduction again (the graph needs it) but stored nothing
     assert reductions[0] == 2 * layers
     assert dicts[-1].stores == layers
     assert float(g_off.abs().max()) > 0
     assert torch.allclose(g_on, g_off, rtol=1e-5, atol=1e-6 * float(g_off.abs().max()))
     assert torch.equal(eps_on, eps_off) and loss_on == pytest.approx(loss_off, rel=1e-6)
-    assert all("forward" not in vars(b) for b in unet_blocks(models.unet))  # unwrapped afterwards
+    assert all("forward" not in vars(b) for b in units(models.unet, level))  # unwrapped afterwards
     assert not controller.recomputing and not controller.handlers
 
 
@@ -115,28 +139,31 @@ def test_windowed_null_text_gradient_is_equal(setup):
         eps_c = passes.eps(z0, t, c_src)
     target = z0 * 0.9
     grads, losses = [], []
-    for enabled in (False, True):
+    for level in memory.LEVELS:
         phi = c_src[:1].clone().repeat(4, 1, 1).requires_grad_(True)
-        with checkpointed_blocks(models.unet, controller, enabled) as n:
+        with checkpointed(models.unet, controller, level) as n:
             losses.append(_null_text_backward_windowed(passes, z0, t, tp, phi, eps_c, torch.zeros_like(z0),
                                                        target, 7.5))
-        assert n == (len(unet_blocks(models.unet)) if enabled else 0)
+        assert n == len(units(models.unet, level))
         grads.append(phi.grad.clone())
     assert float(grads[0].abs().max()) > 0
-    assert torch.allclose(grads[1], grads[0], rtol=1e-5, atol=1e-6 * float(grads[0].abs().max()))
-    assert float(losses[0]) == pytest.approx(float(losses[1]), rel=1e-6)
+    for grad, loss in zip(grads[1:], losses[1:]):
+        assert torch.allclose(grad, grads[0], rtol=1e-5, atol=1e-6 * float(grads[0].abs().max()))
+        assert float(losses[0]) == pytest.approx(float(loss), rel=1e-6)
 
 
-def test_inversion_with_blocks_equals_off_and_needs_no_restart(tiny, tmp_path):
+def test_inversion_with_blocks_or_layers_equals_off_and_needs_no_restart(tiny, tmp_path):
     runs = {}
-    for mode in ("off", "blocks"):
+    for mode in memory.LEVELS:
         ws = make_workspace(tmp_path / mode)
         run_invert(ws, _cfg(checkpointing=mode), Progress(quiet=True), models=tiny)
         runs[mode] = ws
-    for name in ("latents", "recon_latents", "null_embeddings", "stdg/guidance"):
-        a, b = runs["off"].read(f"inversion/{name}"), runs["blocks"].read(f"inversion/{name}")
-        scale = max(float(np.abs(a).max()), 1e-6)
-        assert float(np.abs(a - b).max()) <= 1e-5 * scale, name
+    for level in ("blocks", "layers"):
+        for name in ("latents", "recon_latents", "null_embeddings", "stdg/guidance"):
+            a, b = runs["off"].read(f"inversion/{name}"), runs[level].read(f"inversion/{name}")
+            scale = max(float(np.abs(a).max()), 1e-6)
+            assert float(np.abs(a - b).max()) <= 1e-5 * scale, (level, name)
+    assert runs["layers"].group_attrs("inversion")["checkpointing"]["mode"] == "layers"
     assert float(np.abs(runs["off"].read("inversion/stdg/guidance")).max()) > 0  # STDG ran
     off, on = runs["off"].group_attrs("inversion"), runs["blocks"].group_attrs("inversion")
     assert off["checkpointing"]["mode"] == "off" and on["checkpointing"]["mode"] == "blocks"
@@ -150,12 +177,14 @@ def test_inversion_with_blocks_equals_off_and_needs_no_restart(tiny, tmp_path):
     run_invert(ws, _cfg(steps=2, null_steps=1), Progress(quiet=True), models=tiny)
     choice = ws.group_attrs("inversion")["checkpointing"]
     assert (choice["requested"], choice["mode"]) == ("auto", "off") and "CPU" in choice["reason"]
-    assert all("forward" not in vars(b) for b in unet_blocks(tiny.unet))
+    assert all("forward" not in vars(b) for b in unet_blocks(tiny.unet) + unet_layers(tiny.unet))
 
 
 TABLE = {"bf16": {"stdg": {"const": 2 * GIB, "per_frame": GIB}, "null_text": {"const": 3 * GIB, "per_frame": GIB},
                   "stdg+blocks": {"const": GIB, "per_frame": GIB // 8},
-                  "null_text+blocks": {"const": GIB, "per_frame": GIB // 8}}}
+                  "null_text+blocks": {"const": GIB, "per_frame": GIB // 8},
+                  "stdg+layers": {"const": GIB, "per_frame": GIB // 32},
+                  "null_text+layers": {"const": GIB, "per_frame": GIB // 32}}}
 WEIGHTS = {"unet": GIB // 2, "vae": 0, "text": 0}  # 1 GiB of bf16 UNet weights
 
 
@@ -165,21 +194,28 @@ def table(monkeypatch):
     monkeypatch.setattr(memory, "WEIGHT_ELEMENTS", WEIGHTS)
 
 
-def test_auto_turns_blocks_on_when_the_grad_passes_do_not_fit(table):
+def test_auto_picks_the_first_level_that_fits(table):
     plan = MemoryPlan("invert", 24, 512, 512, "bf16", window=16, model="sd15-animatediff-v3", device="cuda:0")
     need = 1 * GIB + 3 * GIB + 16 * GIB  # weights + the null-text pass at 16 frames per call
     assert choose("auto", plan, available=need + 1).mode == "off"
     assert choose("auto", plan, available=need - 1).mode == "blocks"
     tight = choose("auto", plan, available=need - GIB)
     assert tight.mode == "blocks" and (tight.need, tight.available) == (need, need - GIB)
-    assert tight.reason == "auto: predicted 20.0 GiB > 19.0 GiB free"
+    assert tight.reason == "auto: predicted 20.0 GiB > 19.0 GiB free; blocks 4.0 GiB fits"
+    # blocks: 1 + 1 + 16/8 = 4 GiB; layers: 1 + 1 + 16/32 = 2.5 GiB
+    assert choose("auto", plan, available=4 * GIB).mode == "blocks"
+    assert choose("auto", plan, available=4 * GIB - 1).mode == "layers"
+    squeezed = choose("auto", plan, available=2 * GIB)
+    assert squeezed.mode == "layers" and squeezed.reason == ("auto: predicted 20.0 GiB > 2.0 GiB free, and 2.5 GiB "
+                                                             "even with layers")
     assert choose("auto", MemoryPlan("invert", 24, 512, 512, "bf16", window=8, model="sd15-animatediff-v3",
                                      device="cuda:0"), available=need - GIB).mode == "off"  # 8 frames per call fit
     assert choose("auto", plan.__class__(**{**plan.__dict__, "device": "cpu"}), available=0).mode == "off"
     assert choose("auto", plan.__class__(**{**plan.__dict__, "model": "tiny"}), available=0).mode == "off"
     assert choose("blocks", plan, available=10**15).mode == "blocks"
+    assert choose("layers", plan, available=10**15).mode == "layers"
     assert choose("off", plan, available=0).mode == "off"
-    with pytest.raises(ValueError, match="off, blocks, auto"):
+    with pytest.raises(ValueError, match="off, blocks, layers, auto"):
         choose("sometimes", plan)
 
 
@@ -214,7 +250,8 @@ def test_flag_preset_and_manifest_key(tmp_path):
     from vdcli.app import app
 
     assert build_config(InvertConfig, {"checkpointing": "blocks"}).checkpointing == "blocks"
-    with pytest.raises(UsageError, match="--checkpointing must be one of off, blocks, auto"):
+    assert build_config(InvertConfig, {"checkpointing": "layers"}).checkpointing == "layers"
+    with pytest.raises(UsageError, match="--checkpointing must be one of off, blocks, layers, auto"):
         validate(_cfg(checkpointing="always"))
     (tmp_path / "m.yaml").write_text("defaults: {model: tiny, invert: {checkpointing: blocks}}\n"
                                      "clips:\n  - {clip: a.mp4, prompt: a dog, box: [1, 1, 9, 9]}\n")

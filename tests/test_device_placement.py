@@ -14,7 +14,9 @@ Substitutions, where fake tensors cannot do what a GPU does: a value read return
 1.0; False for torch.equal); `Tensor.numpy()` of a fake CPU tensor gives zeros (of a CUDA one it raises, as
 torch does); `torch.Generator(device="cuda")` is a CPU generator that says cuda; one-element tensors are not
 constant-folded (their ops would run for real); and autograd's engine, which asks the CUDA driver for a
-context, is replaced by `_backward` (device checks, reachability, zero gradients on the inputs' devices).
+context, is replaced by `_backward` (device checks, reachability, zero gradients on the inputs' devices);
+the VAE and text encoder wait on the fake CPU and `.to(device)` remakes their fake tensors there (nn.Module.to
+cannot move fake tensors; the copy is not recorded as a host-to-device copy).
 notes/readme-gpu.md has what this proves and what it cannot.
 """
 
@@ -100,15 +102,16 @@ class FakeCuda(FakeTensorMode):
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
-def _to_fake_cuda(module: nn.Module, dtype: torch.dtype, mode: FakeCuda) -> None:
-    """Make every parameter and buffer a fake CUDA tensor (floating ones in `dtype`), ties kept; plain tensor
-    attributes (SAM2's RoPE table) too. (nn.Module._apply cannot: it swaps tensors that have weakrefs.)"""
+def _to_fake_cuda(module: nn.Module, dtype: torch.dtype, mode: FakeCuda, device: torch.device = CUDA) -> None:
+    """Make every parameter and buffer a fake tensor on `device` (CUDA; floating ones in `dtype`), ties kept;
+    plain tensor attributes (SAM2's RoPE table) too. (nn.Module._apply cannot: it swaps tensors that have
+    weakrefs.)"""
     new: dict[int, torch.Tensor] = {}
 
     def fake(t: torch.Tensor, param: bool) -> torch.Tensor:
         if id(t) not in new:
             with mode:
-                out = torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=CUDA)
+                out = torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=device)
             new[id(t)] = nn.Parameter(out, requires_grad=False) if param else out
         return new[id(t)]
 
@@ -118,6 +121,14 @@ def _to_fake_cuda(module: nn.Module, dtype: torch.dtype, mode: FakeCuda) -> None
         for name, t in list(vars(mod).items()):
             if isinstance(t, torch.Tensor) and not isinstance(t, FakeTensor):
                 setattr(mod, name, fake(t, False))
+
+
+def _mover(module: nn.Module, mode: FakeCuda) -> Any:
+    """`module.to(device)` for a module of fake tensors (what nn.Module.to cannot do for them)."""
+    def to(device: Any) -> nn.Module:
+        _to_fake_cuda(module, torch.float32, mode, torch.device(device))
+        return module
+    return to
 
 
 _REAL_GENERATOR = torch.Generator
@@ -237,9 +248,11 @@ def gpu() -> Iterator[Gpu]:
         mp.setattr(ops, "_TIMESTEPS", {})  # the per-device timestep cache would keep this mode's tensors
         mode = FakeCuda()
         models = load_models("tiny", device="cpu")
-        _to_fake_cuda(models.unet, torch.bfloat16, mode)  # as load_models places them on a GPU
-        _to_fake_cuda(models.vae, torch.float32, mode)
-        _to_fake_cuda(models.text_encoder, torch.float32, mode)
+        # as load_models places them on a GPU: the VAE and text encoder in host memory between their calls
+        _to_fake_cuda(models.unet, torch.bfloat16, mode)
+        for module in (models.vae, models.text_encoder):
+            _to_fake_cuda(module, torch.float32, mode, torch.device("cpu"))
+            module.to = _mover(module, mode)  # ops.on_device moves them for their calls
         models.device, models.dtype = CUDA, torch.bfloat16
         yield Gpu(models, mode)
 
@@ -386,11 +399,12 @@ def test_null_text_step_with_stdg(gpu, tmp_path):
     print("cuda reads:", ev.cuda_reads(), "h2d:", ev.h2d)
 
 
-def test_windows_with_checkpointed_blocks(gpu, tmp_path):
+@pytest.mark.parametrize("level, units", [("blocks", 9), ("layers", 64)])
+def test_windows_with_checkpointing(gpu, tmp_path, level, units):
     """Step 1's gradient passes over two overlapping windows (STDG per window blended, the windowed null-text
-    backward) with every UNet block checkpointed (--checkpointing blocks). The rest of the step is the
-    single-window one's, on blended predictions."""
-    from stages.invert.checkpointing import checkpointed_blocks
+    backward) with the UNet's blocks (4 down, mid, 4 up) or the layers inside them checkpointed. The rest of
+    the step is the single-window one's, on blended predictions."""
+    from stages.invert.checkpointing import checkpointed
     from stages.invert.nulltext import _null_text_backward_windowed
     from stages.invert.stdg import _windowed_stdg
 
@@ -401,8 +415,8 @@ def test_windows_with_checkpointed_blocks(gpu, tmp_path):
         z_star, z_t = inv.latents[STEPS - 1][None], inv.latents[STEPS - 1][None].clone()
         phi = inv.neg.repeat(FRAMES, 1, 1).float().requires_grad_(True)
         before = len(_BACKWARDS)
-        with checkpointed_blocks(gpu.models.unet, inv.controller, True) as wrapped:
-            assert wrapped == 9  # 4 down, mid, 4 up
+        with checkpointed(gpu.models.unet, inv.controller, level) as wrapped:
+            assert wrapped == units
             G, eps_c, targets, _, _ = _windowed_stdg(_stdg(inv), inv.passes.windows, z_star, z_t, t, (True, True), ())
             loss = _null_text_backward_windowed(inv.passes, z_t, t, tp, phi, eps_c, G, inv.latents[STEPS - 2][None],
                                                 inv.cfg.cfg)
@@ -571,13 +585,19 @@ def _with_ctrl(ff: Any, ctrl: nn.Module) -> Any:
 
 # ------------------------------------------------------------------------------------------- VAE, SAM2
 def test_vae_decode(gpu):
-    """vae_decode's per-frame loop down to the uint8 frames it copies back."""
-    from stages.models.ops import vae_decode
+    """vae_decode's per-frame loop down to the uint8 frames it copies back; the VAE is on the GPU for the
+    call only (host memory before and after: the UNet passes have its memory)."""
+    from stages.models.ops import on_device, vae_decode
 
+    vae = gpu.models.vae
+    assert next(vae.parameters()).device.type == "cpu"
     with gpu.run() as ev:
         frames = vae_decode(gpu.models, torch.zeros(2, 4, 8, 8, device=CUDA))
+        with on_device(gpu.models, vae):
+            assert {p.device.type for p in vae.parameters()} == {"cuda"}
     assert frames.dtype == np.uint8 and frames.shape == (2, 64, 64, 3)
     assert not ev.cuda_reads() and not ev.h2d, ev
+    assert {p.device.type for p in vae.parameters()} == {"cpu"}
 
 
 def test_sam2_tracking_on_cuda(gpu):

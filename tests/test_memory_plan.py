@@ -21,17 +21,23 @@ from vdcli.app import app
 
 GIB = 1 << 30
 ROOT = Path(__file__).resolve().parent.parent
-# the stated coefficients (stages/models/memory.py, bench/RESULTS.md 2026-12-03), copied so that a refit of the
-# table does not change what these tests compute by hand; at 512 px r = 1, so the exponents do not matter
+# the stated coefficients (stages/models/memory.py, bench/RESULTS.md: grad passes 2026-12-06, the others
+# 2026-12-03), copied so that a refit of the table does not change what these tests compute by hand; at 512 px
+# r = 1, so the exponents do not matter
 STATED_WEIGHTS = {"unet": 1277221764, "vae": 83653863, "text": 123060480}
-W_BF16 = 1277221764 * 2 + (83653863 + 123060480) * 4  # 3,381,300,900 bytes: UNet bf16, VAE + text fp32
+# on a GPU: the UNet in bf16 (2,554,443,528 bytes) in every pass, the VAE in float32 only in the VAE passes (the
+# text encoder waits in host memory)
+W_BF16 = 1277221764 * 2
+W_VAE = W_BF16 + 83653863 * 4
 STATED = {
     "ddim": {"const": 238080, "const_exp": 0.0, "per_frame": 74688000, "per_frame_exp": 1.0},
     "edit": {"const": 241920, "const_exp": 0.0, "per_frame": 288247991, "per_frame_exp": 1.0},
     "null_text": {"const": 1385472, "const_exp": 0.0, "per_frame": 1677070555, "per_frame_exp": 1.0},
     "null_text+blocks": {"const": 331776, "const_exp": 0.0, "per_frame": 655817216, "per_frame_exp": 1.0},
+    "null_text+layers": {"const": 249856, "const_exp": 0.0, "per_frame": 206600704, "per_frame_exp": 1.0},
     "stdg": {"const": -534528, "const_exp": 1.0, "per_frame": 1182828178, "per_frame_exp": 1.0},
-    "stdg+blocks": {"const": -1036800, "const_exp": 1.0, "per_frame": 811575442, "per_frame_exp": 1.0},
+    "stdg+blocks": {"const": 299520, "const_exp": 0.0, "per_frame": 392425984, "per_frame_exp": 1.0},
+    "stdg+layers": {"const": 251904, "const_exp": 0.0, "per_frame": 131625472, "per_frame_exp": 1.0},
     "vae_decode": {"const": 804888064, "const_exp": 1.0, "per_clip_frame": 5591771, "per_clip_frame_exp": 1.0,
                    "chunk": 1},
     "vae_encode": {"const": 237056, "const_exp": 0.0, "per_frame": 670957568, "per_frame_exp": 1.0,
@@ -63,34 +69,51 @@ def test_card_sizes_and_the_cuda_context_allowance():
             parse_target(bad)
 
 
-def test_null_text_16x512_bf16_does_not_fit_12gb_but_fits_16gb(stated):
+def test_null_text_16x512_bf16_fits_12gb_with_layers(stated):
     # auto: the grad passes without checkpointing need null_text off = W + 1,385,472 + 16 x 1,677,070,555
     need_off = W_BF16 + 1385472 + 16 * 1677070555
-    assert need_off == 30215815252
-    # with blocks the stage peak is the STDG pass: W - 1,036,800 + 16 x 811,575,442 = 16,365,471,172 (15.24 GiB)
-    blocks = W_BF16 - 1036800 + 16 * 811575442
+    assert need_off == 29388957880
+    # blocks: null text W + 331,776 + 16 x 655,817,216 = 13,047,850,760 (12.15 GiB) is the largest pass
+    blocks = W_BF16 + 331776 + 16 * 655817216
+    # layers: null text W + 249,856 + 16 x 206,600,704 = 5,860,304,648 (5.46 GiB), above the VAE encode's
+    # W_VAE + 237,056 + 4 x 670,957,568 + 16 x 7,183,360 = 5,688,060,068
+    layers = W_BF16 + 249856 + 16 * 206600704
+    encode = W_VAE + 237056 + 4 * 670957568 + 16 * 7183360
+    assert (blocks, layers, encode) == (13047850760, 5860304648, 5688060068)
     r = plan("12GB")
     assert (r["device"], r["dtype"], r["memory"]["model_dtype"]) == ("cuda", "bf16", "bf16")
-    assert r["memory"]["peak"] == {"off": need_off, "blocks": blocks}
+    assert r["memory"]["peak"] == {"off": need_off, "blocks": blocks, "layers": layers}
+    assert r["memory"]["passes"]["vae_encode"] == {"off": encode}
     ck = r["memory"]["checkpointing"]
-    assert (ck["mode"], ck["need"], ck["available"]) == ("blocks", need_off, 12 * GIB - GIB // 2)
+    assert (ck["mode"], ck["need"], ck["available"]) == ("layers", need_off, 12 * GIB - GIB // 2)
     v = r["verdict"]
-    assert v["fits"] is False and v["peak"] == blocks and v["margin"] == 12348030976 - 16365471172
-    # --window 8 with auto: null_text off at 8 frames (W + 1,385,472 + 8 x 1,677,070,555 = 16.8e9) still exceeds
-    # 11.5 GiB, so blocks; the STDG pass is then the largest: W - 1,036,800 + 8 x 811,575,442 = 9,872,867,636
-    assert v["suggestion"] == "--window 8" and "about 9.2 GiB" in v["text"]
-    assert memory.peak_by_level(memory.predict_passes(r["passes"], 16, 512, 512, "bf16", 8))["blocks"] == 9872867636
-    fits = plan("16GB")["verdict"]
-    assert fits["fits"] is True and fits["margin"] == 16 * GIB - GIB // 2 - blocks == 277527100
+    assert v["fits"] is True and v["level"] == "layers" and v["margin"] == 12348030976 - 5860304648
+    sixteen = plan("16GB")  # blocks fits 15.5 GiB: auto takes it (the first level that fits)
+    assert sixteen["memory"]["checkpointing"]["mode"] == "blocks"
+    assert sixteen["verdict"]["fits"] is True and sixteen["verdict"]["margin"] == 16 * GIB - GIB // 2 - blocks
     big = plan("80GB")
     assert big["memory"]["checkpointing"]["mode"] == "off" and big["verdict"]["peak"] == need_off
+
+
+def test_what_does_not_fit_names_what_would(stated):
+    # --checkpointing off on a 12 GB card: the levels that fit come first, then shorter windows
+    off = plan("12GB", checkpointing="off")
+    v = off["verdict"]
+    assert v["fits"] is False and v["suggestion"] == "--checkpointing layers" and "about 5.5 GiB" in v["text"]
+    # 4 GB (3.5 GiB usable): even one window of 4 frames with layers needs the whole clip's VAE encode (5.3 GiB)
+    tiny_card = plan("4GB")["verdict"]
+    assert tiny_card["fits"] is False and tiny_card["suggestion"] == "a smaller `vd mask --size`"
+    # 32 frames in one window at 512 px: layers W + 249,856 + 32 x 206,600,704 = 9,165,915,912 (8.5 GiB)
+    thirty_two = plan("12GB", frames=32, window=32)
+    assert thirty_two["memory"]["peak"]["layers"] == W_BF16 + 249856 + 32 * 206600704 == 9165915912
+    assert thirty_two["verdict"]["fits"] is True
 
 
 def test_direct_inversion_has_no_backward_pass_and_two_forwards_per_step(stated):
     r = plan("12GB", method="direct")
     assert r["passes"] == ["vae_encode", "ddim", "vae_decode"] and "null_text" not in r["memory"]["passes"]
-    encode = W_BF16 + 237056 + 4 * 670957568 + 16 * 7183360  # chunks of 4 frames + the whole clip's inputs
-    assert r["memory"]["peak"] == {"off": encode, "blocks": encode} and r["verdict"]["fits"] is True
+    encode = W_VAE + 237056 + 4 * 670957568 + 16 * 7183360  # chunks of 4 frames + the whole clip's inputs
+    assert r["memory"]["peak"] == {"off": encode, "blocks": encode, "layers": encode} and r["verdict"]["fits"] is True
     assert "no backward pass" in r["memory"]["checkpointing"]["reason"]
     assert r["time"]["forward_equivalents_per_step"] == 2.0 and r["null_steps"] == 0
     null = plan("12GB")
@@ -127,7 +150,7 @@ def test_time_estimate_per_card_of_the_class(stated):
 def test_bf16_on_the_cpu_plans_cpu_autocast(stated):
     r = plan(None, device="cpu", dtype="bf16")
     assert (r["device"], r["dtype"], r["memory"]["model_dtype"]) == ("cpu", "bf16", "bf16-cpu")
-    w_cpu = (1277221764 + 83653863 + 123060480) * 4  # the UNet stays float32 on the CPU
+    w_cpu = (1277221764 + 83653863 + 123060480) * 4  # the UNet stays float32 on the CPU; all three resident
     copies = 1277221764 * 2  # autocast's bf16 casts of the UNet weights, kept for the backward
     assert r["memory"]["passes"]["null_text"]["off"] == w_cpu + copies + 1385472 + 16 * 1677070555
     assert r["memory"]["passes"]["ddim"]["off"] == w_cpu + 238080 + 16 * 74688000  # no grad: no copies kept
@@ -151,12 +174,15 @@ def test_plan_inputs_and_the_missing_workspace():
 def test_memory_helpers_behind_the_card_table(stated):
     passes = ("vae_encode", "ddim", "stdg", "null_text", "vae_decode")
     rows = memory.predict_passes(passes, 24, 512, 512, "bf16", window=16)
-    assert set(rows["ddim"]) == {"off"} and set(rows["null_text"]) == {"off", "blocks"}
-    assert rows["vae_encode"]["off"] == W_BF16 + 237056 + 4 * 670957568 + 24 * 7183360  # the whole clip
-    assert rows["stdg"]["blocks"] == W_BF16 - 1036800 + 16 * 811575442  # one window of 16
-    # 11.5 GiB with blocks: 12,348,030,976 >= W - 1,036,800 + n x 811,575,442 for n <= 11
-    assert memory.largest_window(passes, 512, 512, 12 * GIB - GIB // 2, "bf16", "blocks") == 11
-    assert memory.largest_window(passes, 512, 512, 2 * GIB, "bf16", "blocks") == 0
+    assert set(rows["ddim"]) == {"off"} and set(rows["null_text"]) == {"off", "blocks", "layers"}
+    assert rows["vae_encode"]["off"] == W_VAE + 237056 + 4 * 670957568 + 24 * 7183360  # the whole clip
+    assert rows["stdg"]["blocks"] == W_BF16 + 299520 + 16 * 392425984  # one window of 16
+    # 11.5 GiB with blocks: 12,348,030,976 >= W + 331,776 + n x 655,817,216 (null text) for n <= 14
+    assert memory.largest_window(passes, 512, 512, 12 * GIB - GIB // 2, "bf16", "blocks") == 14
+    # with layers null text fits all 32 frames (W + 249,856 + 32 x 206,600,704 = 9.17e9), and so does the VAE
+    # encode of a 32-frame clip (W_VAE + 237,056 + 4 x 670,957,568 + 32 x 7,183,360 = 5.80e9)
+    assert memory.largest_window(passes, 512, 512, 12 * GIB - GIB // 2, "bf16", "layers") == 32
+    assert memory.largest_window(passes, 512, 512, 2 * GIB, "bf16", "layers") == 0
 
 
 def test_cli_with_a_workspace_and_for_edit(tmp_path, stated):
@@ -201,10 +227,10 @@ def test_cli_plan_for_12gb_across_processes():
     assert (data["device"], data["dtype"], data["workspace"], data["frames"]) == ("cuda", "bf16", None, 16)
     peak = data["memory"]["peak"]
     assert set(peak) == set(memory.LEVELS)
-    assert peak["blocks"] == memory.predict_stage_peak("invert", 16, 512, 512, "bf16", True)
+    assert peak["layers"] == memory.predict_stage_peak("invert", 16, 512, 512, "bf16", "layers")
     assert data["target"]["bytes"] == 12 * GIB and data["target"]["usable_bytes"] == 12 * GIB - GIB // 2
-    assert data["verdict"]["fits"] is (peak["blocks"] <= 12 * GIB - GIB // 2)
-    assert data["memory"]["checkpointing"]["mode"] == "blocks" and data["time"]["cards"]
+    assert data["memory"]["checkpointing"]["mode"] == "layers" and data["time"]["cards"]
+    assert data["verdict"]["fits"] is True and data["verdict"]["peak"] == peak["layers"] <= 12 * GIB - GIB // 2
     missing = subprocess.run([*vd, "invert"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert missing.returncode == 2 and missing.stderr.startswith("vd: error: Missing argument 'WS'")
 
@@ -217,7 +243,7 @@ def test_bench_gpu_arguments_and_card_table():
     spec.loader.exec_module(gpu)
     a = gpu.parse_args([])
     assert (a.model, a.frames, a.px, a.dtype, a.device) == ("sd15-random", 16, 512, "bf16", "cuda")
-    assert a.runs == ["off", "blocks", "off"] and a.budget_s < 480  # the repeat of `off` is the noise floor
+    assert a.runs == ["off", "blocks", "layers", "off"] and a.budget_s < 480  # the repeat of `off`: noise floor
     assert gpu.parse_args(["--levels", "blocks,auto", "--no-repeat"]).runs == ["blocks", "auto"]
     for bad in (["--levels", "fine"], ["--px", "500"], ["--steps", "1"]):
         with pytest.raises(SystemExit):
@@ -226,8 +252,7 @@ def test_bench_gpu_arguments_and_card_table():
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     cell = table.compute()["null-text inversion (the default, STDG on)"][12]["512x512"]
-    assert cell == {"off": memory.largest_window(table.STAGES["null-text inversion (the default, STDG on)"], 512, 512,
-                                                 12 * GIB - GIB // 2, "bf16", "off"),
-                    "blocks": memory.largest_window(table.STAGES["null-text inversion (the default, STDG on)"], 512,
-                                                    512, 12 * GIB - GIB // 2, "bf16", "blocks")}
-    assert 0 < cell["off"] <= cell["blocks"] <= 32
+    passes = table.STAGES["null-text inversion (the default, STDG on)"]
+    assert cell == {level: memory.largest_window(passes, 512, 512, 12 * GIB - GIB // 2, "bf16", level)
+                    for level in memory.LEVELS}
+    assert 0 < cell["off"] <= cell["blocks"] <= cell["layers"] <= 32

@@ -27,6 +27,8 @@ ROWS = {"ddim": {"const": 2 * GIB, "per_frame": GIB // 4}, "edit": {"const": 2 *
         "stdg": {"const": 2 * GIB, "per_frame": GIB}, "null_text": {"const": 2 * GIB, "per_frame": GIB},
         "stdg+blocks": {"const": 2 * GIB, "per_frame": GIB // 4},
         "null_text+blocks": {"const": 2 * GIB, "per_frame": GIB // 4},
+        "stdg+layers": {"const": 2 * GIB, "per_frame": GIB // 8},
+        "null_text+layers": {"const": 2 * GIB, "per_frame": GIB // 8},
         "vae_encode": {"const": GIB, "per_clip_frame": GIB // 8}, "vae_decode": {"const": GIB}}
 WEIGHTS = {"unet": GIB // 2, "vae": 0, "text": 0}
 
@@ -96,13 +98,16 @@ def test_the_message_names_need_device_and_what_reduces_it(table):
     text = oom_message(plan, info)
     assert "\n" not in text
     assert text.startswith("out of memory on cuda:0 (NVIDIA L4, 22.0 GiB total, 3.0 GiB free) in vd invert")
-    # need: weights 1 GiB + 2 GiB + 16 frames x 1 GiB; blocks: 1 + 2 + 16 x 0.25; window 8: 1 + 2 + 8 x 1
+    # need: weights 1 GiB + 2 GiB + 16 frames x 1 GiB; with layers (null text 1 + 2 + 16 x 0.125) the DDIM pass
+    # is the largest: 1 + 2 + 16 x 0.25; window 8: 1 + 2 + 8 x 1
     assert "predicted need about 19.0 GiB (16 frames of 512x512 per UNet call, bf16, checkpointing off)" in text
-    assert "reduce it with --checkpointing blocks (about 7.0 GiB), --window 8 (about 11.0 GiB), " in text
+    assert "reduce it with --checkpointing layers (about 7.0 GiB), --window 8 (about 11.0 GiB), " in text
     assert text.endswith("a smaller `vd mask --size` (e.g. 384)")
-    on = MemoryPlan("invert", 8, 512, 512, "bf16", window=16, checkpointing=True, model="sd15-animatediff-v3")
+    blocks = MemoryPlan("invert", 8, 512, 512, "bf16", window=16, checkpointing="blocks", model="sd15-animatediff-v3")
+    assert "checkpointing blocks); reduce it with --checkpointing layers (about 5.0 GiB)" in oom_message(blocks, info)
+    on = MemoryPlan("invert", 8, 512, 512, "bf16", window=16, checkpointing="layers", model="sd15-animatediff-v3")
     text = oom_message(on, info)
-    assert "--checkpointing blocks" not in text and "--window 8" not in text and "--size" in text
+    assert "--checkpointing" not in text.split("reduce it")[1] and "--window 8" not in text and "--size" in text
     assert "predicted need unknown" in oom_message(MemoryPlan("invert", 8, 64, 64, "fp32", model="tiny"), info)
 
 
@@ -130,7 +135,7 @@ def test_invert_out_of_memory_through_the_cli_then_resume(tmp_path, tiny, loads,
     line = one_error_line(vd(*args), 5)  # DDIM (3 calls) and step 1 (eps_c, 2 inner, update) ran; step 2 failed
     assert line.startswith("vd: error: out of memory on cpu (") and " in vd invert: predicted need about " in line
     assert "4 frames of 64x64 per UNet call, fp32, checkpointing off" in line
-    assert "--checkpointing blocks (about" in line and "`vd mask --size`" in line
+    assert "--checkpointing layers (about" in line and "`vd mask --size`" in line
     done = ws.read("inversion/done")
     assert done.tolist() == [True, False, False, False]  # the finished step is kept
     assert ws.group_attrs("inversion")["checkpointing"]["mode"] == "off"
@@ -166,7 +171,7 @@ def test_any_stage_falls_back_to_the_one_line_answer(tmp_path, monkeypatch):
     monkeypatch.setattr(stages.invert.plan, "plan_invert", fail)
     ws = make_workspace(tmp_path / "ws")
     line = one_error_line(vd("invert", ws.path, "--prompt", "a disc", "--dry-run"), 5)
-    assert "out of memory on " in line and "--checkpointing blocks" in line and "--window 8" in line
+    assert "out of memory on " in line and "--checkpointing layers" in line and "--window 8" in line
 
 
 @pytest.fixture
@@ -192,7 +197,10 @@ def test_dry_run_predicts_without_loading_or_writing(tmp_path, table, no_load):
     assert mem["passes"]["null_text"]["off"] == 2 * GIB + (2 * GIB + 8 * GIB) // 64
     assert mem["passes"]["stdg"]["blocks"] == 2 * GIB + (2 * GIB + 8 * GIB // 4) // 64
     assert mem["passes"]["vae_encode"]["off"] == 2 * GIB + (GIB + 24 * GIB // 8) // 64  # the whole clip
-    assert mem["peak"] == {"off": mem["passes"]["null_text"]["off"], "blocks": 2 * GIB + 4 * GIB // 64}
+    assert mem["passes"]["null_text"]["layers"] == 2 * GIB + (2 * GIB + 8 * GIB // 8) // 64
+    # with layers the DDIM pass (2 + 8 x 0.25) and the VAE encode (1 + 24 / 8) are the largest
+    assert mem["peak"] == {"off": mem["passes"]["null_text"]["off"], "blocks": 2 * GIB + 4 * GIB // 64,
+                           "layers": 2 * GIB + 4 * GIB // 64}
     assert mem["checkpointing"]["mode"] == "off" and mem["estimate"] is True
     t = plan["time"]
     assert t["estimate"] is True and "ALGORITHM.md" in t["basis"] and "ARCHITECTURE.md" in t["basis"]

@@ -1,16 +1,19 @@
 """Gradient checkpointing of the passes that backpropagate (STDG grad pass, null-text inner loop).
 
 `--checkpointing blocks` recomputes every UNet down/mid/up block (its spatial and motion layers) in the
-backward instead of keeping its activations: torch.utils.checkpoint per block, non-reentrant, only
-where grad is enabled (no-grad passes are untouched). The recomputation runs with the attention
-handlers the block had in its forward (the STDG recorders are uninstalled before the backward), with
-`controller.recomputing` set so the recorders compute what the graph needs but record nothing: each
-layer is recorded once. Results equal `off` to float rounding; only time and memory change, so the
-mode is not a stored setting (changing it needs no --restart) and is kept in the inversion's attrs.
+backward instead of keeping its activations; `layers` recomputes each layer inside the blocks (every
+resnet, spatial transformer, motion module and resampler) on its own, so the backward holds one layer's
+activations at a time instead of one block's. Both use torch.utils.checkpoint, non-reentrant, only where
+grad is enabled (no-grad passes are untouched), and both recompute the forward once. The recomputation
+runs with the attention handlers the unit had in its forward (the STDG recorders are uninstalled before
+the backward), with `controller.recomputing` set so the recorders compute what the graph needs but record
+nothing: each layer is recorded once. Results equal `off` to float rounding; only time and memory change,
+so the mode is not a stored setting (changing it needs no --restart) and is kept in the inversion's attrs.
 
-`auto` (the default) turns it on when the predicted peak of the grad passes for this clip, size and
-window (stages.models.memory) exceeds the device's free memory; on the CPU, and where the memory
-model has no prediction, it stays off.
+`auto` (the default) picks the first level of memory.LEVELS (off, blocks, layers: cheapest in time first)
+whose predicted peak of the grad passes for this clip, size and window (stages.models.memory) fits the
+device's free memory, and `layers` when none does; on the CPU, and where the memory model has no
+prediction, it stays off.
 """
 
 from __future__ import annotations
@@ -22,22 +25,24 @@ from typing import Any, Callable, Iterator
 from stages.models import memory
 from stages.models.oom import UNMODELLED, MemoryPlan, device_memory, gib
 
-MODES = ("off", "blocks", "auto")
+MODES = (*memory.LEVELS, "auto")
+# the UNet block children recomputed one by one at the `layers` level
+LAYER_LISTS = ("resnets", "attentions", "motion_modules", "downsamplers", "upsamplers")
 
 
 @dataclass
 class Choice:
     """The checkpointing mode a run uses and why (stored in the inversion's attrs)."""
 
-    requested: str  # off | blocks | auto
-    mode: str  # off | blocks
+    requested: str  # off | blocks | layers | auto
+    mode: str  # off | blocks | layers
     reason: str
     need: int | None = None  # predicted peak of the grad passes without checkpointing (bytes)
     available: int | None = None  # the device's free memory at the decision (bytes)
 
     @property
     def enabled(self) -> bool:
-        return self.mode == "blocks"
+        return self.mode != "off"
 
     def attrs(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,14 +55,15 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def grad_peak(plan: MemoryPlan, checkpointing: bool) -> int | None:
-    """Predicted peak bytes of the heavier grad pass (STDG or null text) for `plan`, None when not modelled."""
+def grad_peak(plan: MemoryPlan, level: str) -> int | None:
+    """Predicted peak bytes of the heavier grad pass (STDG or null text) for `plan` at checkpointing `level`,
+    None when not modelled."""
     if plan.model in UNMODELLED:
         return None
     if not plan.grad_passes:
         return 0  # nothing backpropagates (direct inversion, negative prompt without STDG)
     try:
-        return max(memory.predict_peak(p, plan.per_call(), plan.height, plan.width, plan.dtype, checkpointing)
+        return max(memory.predict_peak(p, plan.per_call(), plan.height, plan.width, plan.dtype, level)
                    for p in plan.grad_passes)
     except ValueError:
         return None
@@ -75,7 +81,7 @@ def choose(requested: str, plan: MemoryPlan, available: int | None = None) -> Ch
         return Choice(requested, "off", "auto: off on the CPU")
     if not plan.grad_passes:
         return Choice(requested, "off", "auto: off (nothing backpropagates in this inversion)")
-    need = grad_peak(plan, False)
+    need = grad_peak(plan, "off")
     if need is None:
         return Choice(requested, "off", f"auto: off (no memory prediction for --model {plan.model or '?'} "
                                         f"in {plan.dtype})")
@@ -83,9 +89,16 @@ def choose(requested: str, plan: MemoryPlan, available: int | None = None) -> Ch
         available = device_memory(plan.device).get("available")
     if available is None:
         return Choice(requested, "off", "auto: off (the device's free memory is unknown)", need)
-    if need > available:
-        return Choice(requested, "blocks", f"auto: predicted {gib(need)} > {gib(available)} free", need, available)
-    return Choice(requested, "off", f"auto: predicted {gib(need)} fits {gib(available)} free", need, available)
+    if need <= available:
+        return Choice(requested, "off", f"auto: predicted {gib(need)} fits {gib(available)} free", need, available)
+    for level in memory.LEVELS[1:]:
+        peak = grad_peak(plan, level)
+        if peak is not None and peak <= available:
+            return Choice(requested, level, f"auto: predicted {gib(need)} > {gib(available)} free; "
+                                            f"{level} {gib(peak)} fits", need, available)
+    level = memory.LEVELS[-1]
+    return Choice(requested, level, f"auto: predicted {gib(need)} > {gib(available)} free, and "
+                                    f"{gib(grad_peak(plan, level) or 0)} even with {level}", need, available)
 
 
 def unet_blocks(unet: Any) -> list[Any]:
@@ -94,6 +107,21 @@ def unet_blocks(unet: Any) -> list[Any]:
     if getattr(unet, "mid_block", None) is not None:
         blocks.append(unet.mid_block)
     return blocks + [*unet.up_blocks]
+
+
+def unet_layers(unet: Any) -> list[Any]:
+    """The layers inside the UNet's blocks: of each block, its resnets, spatial transformers, motion modules
+    and resamplers (LAYER_LISTS)."""
+    return [layer for block in unet_blocks(unet) for name in LAYER_LISTS
+            for layer in (getattr(block, name, None) or [])]
+
+
+def units(unet: Any, level: str) -> list[Any]:
+    """The modules recomputed one by one at checkpointing `level` (none at off)."""
+    check_mode(level)
+    if level == "auto":
+        raise ValueError("resolve --checkpointing auto with choose() first")
+    return {"off": lambda u: [], "blocks": unet_blocks, "layers": unet_layers}[level](unet)
 
 
 class _Recompute:
@@ -133,24 +161,24 @@ def _checkpointed(forward: Callable[..., Any], controller: Any) -> Callable[...,
 
 
 @contextlib.contextmanager
-def checkpointed_blocks(unet: Any, controller: Any = None, enabled: bool = True) -> Iterator[int]:
-    """Recompute each down/mid/up block of `unet` in the backward while the block is open (yields how many
-    blocks are wrapped; 0 when not enabled). `controller`: the installed AttentionController, whose
-    handlers each block's recomputation reuses. Undone afterwards (the models may be reused)."""
-    blocks = unet_blocks(unet) if enabled else []
+def checkpointed(unet: Any, controller: Any = None, level: str = "blocks") -> Iterator[int]:
+    """Recompute the units of `level` (blocks or layers) of `unet` in the backward while the block is open
+    (yields how many modules are wrapped; 0 at off). `controller`: the installed AttentionController, whose
+    handlers each unit's recomputation reuses. Undone afterwards (the models may be reused)."""
+    modules = units(unet, level)
     if controller is not None and not hasattr(controller, "recomputing"):
         controller.recomputing = False
     wrapped = []
     try:
-        for block in blocks:
-            if getattr(block.forward, "vd_checkpointed", False):
+        for module in modules:
+            if getattr(module.forward, "vd_checkpointed", False):
                 continue  # already wrapped by an enclosing call
-            block.forward = _checkpointed(block.forward, controller)
-            wrapped.append(block)
-        yield len(blocks)
+            module.forward = _checkpointed(module.forward, controller)
+            wrapped.append(module)
+        yield len(modules)
     finally:
-        for block in wrapped:
-            del block.forward  # back to the class's forward
+        for module in wrapped:
+            del module.forward  # back to the class's forward
 
 
 def grad_passes(cfg: Any) -> tuple[str, ...]:
@@ -163,7 +191,7 @@ def grad_passes(cfg: Any) -> tuple[str, ...]:
 
 def invert_plan(cfg: Any, frames: int, height: int, width: int, device: str, dtype: str) -> MemoryPlan:
     """The inversion's MemoryPlan (dtype a canonical name: fp32 on the CPU, the compute dtype on a GPU)."""
-    return MemoryPlan("invert", int(frames), int(height), int(width), dtype, int(cfg.window), False,
+    return MemoryPlan("invert", int(frames), int(height), int(width), dtype, int(cfg.window), "off",
                       str(cfg.model), device, grad_passes(cfg))
 
 
@@ -178,9 +206,9 @@ def models_dtype(models: Any) -> str:
 def applied(ws: Any, group: str, cfg: Any, models: Any, controller: Any, frames: int, height: int,
             width: int) -> Iterator[Choice]:
     """Decide cfg.checkpointing for this run, record the choice in `group`'s attrs (`checkpointing`), and
-    checkpoint the UNet blocks while the block is open when the choice is `blocks`."""
+    checkpoint the UNet at the chosen level while the block is open."""
     plan = invert_plan(cfg, frames, height, width, str(models.device), models_dtype(models))
     choice = choose(str(cfg.checkpointing), plan)
     ws.update_attrs(group, checkpointing=choice.attrs())
-    with checkpointed_blocks(models.unet, controller, choice.enabled):
+    with checkpointed(models.unet, controller, choice.mode):
         yield choice

@@ -54,7 +54,7 @@ class InvertConfig:
     dtype: str = "auto"
     restart: bool = False
     preset: str | None = None
-    checkpointing: str = "auto"  # off | blocks | auto: recompute UNet blocks in the backward (checkpointing.py)
+    checkpointing: str = "auto"  # off | blocks | layers | auto: recompute UNet blocks or layers in the backward
 
     def coefficients(self) -> tuple[float, float, float, float]:
         """Effective STDG coefficients (all zero with use_stdg off)."""

@@ -47,7 +47,8 @@ CARD_CLASSES: dict[int, tuple[tuple[str, float], ...]] = {
 CPU_GFLOPS_PER_CORE = 41.0
 # forward-equivalents (ALGORITHM.md §8.2)
 GT_FE, FWD_FE, BWD_FE, BWD_WEIGHTS_FE = 0.7, 1.0, 1.2, 2.0
-# what `--checkpointing blocks` adds per backward (bench/checkpointing.py: +0.75 and +0.67 no-grad forwards)
+# what `--checkpointing blocks` or `layers` adds per backward (bench/checkpointing.py: +0.75 and +0.67 no-grad
+# forwards; both levels recompute the forward once and cost the same, 2026-12-06)
 NULL_RECOMPUTE_FE, STDG_RECOMPUTE_FE = 0.75, 0.7
 RUN_DTYPES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
               "float16": "fp16", "half": "fp16"}
@@ -121,7 +122,7 @@ def memory_plan(ws: Workspace, cfg: InvertConfig, models: Any = None) -> Any:
     device, dtype = _device_dtype(cfg, models)
     plan = invert_plan(cfg, F, H, W, device, dtype)
     stored = (ws.group_attrs(GROUP).get("checkpointing") or {}).get("mode")
-    return dataclasses.replace(plan, checkpointing=stored == "blocks")
+    return dataclasses.replace(plan, checkpointing=stored if stored in memory.LEVELS else "off")
 
 
 def oom_plan(ws: Workspace, cfg: InvertConfig, progress: Any = None, models: Any = None, *_: Any,
@@ -158,7 +159,7 @@ def invert_passes(cfg: InvertConfig) -> tuple[str, ...]:
     return ("vae_encode", "ddim") + grad_passes(cfg) + ("vae_decode",)
 
 
-def _forward_equivalents(cfg: InvertConfig, windows: Any, checkpointing: bool) -> dict[str, float]:
+def forward_equivalents(cfg: InvertConfig, windows: Any, checkpointing: bool) -> dict[str, float]:
     """Forward-equivalents per frame for one middle step (STDG on) and the DDIM inversion's step."""
     n = int(cfg.null_steps) if cfg.method == "null-text" else 0  # negative-prompt: no Adam iteration
     stdg = any(cfg.coefficients()) or cfg.store_components
@@ -272,23 +273,26 @@ def verdict(rows: dict[str, dict[str, int | None]], level: str, available: int |
 
 
 def _alternatives(cfg: InvertConfig, passes: tuple[str, ...], F: int, H: int, W: int, dtype: str, per_call: int,
-                  choice: Choice, available: int | None, cuda: bool) -> list[tuple[str, int | None]]:
-    """(options, predicted stage peak) that lower the need, in the order to try them: checkpointing, then
-    shorter windows (with the level auto would take there; auto stays off on the CPU)."""
-    grad = any(p in memory.GRAD_PASSES for p in passes)
-    out: list[tuple[str, int | None]] = []
-    if grad and choice.mode == "off":
-        out.append(("--checkpointing blocks", memory.peak_by_level(memory.predict_passes(passes, F, H, W, dtype,
-                                                                                             per_call))["blocks"]))
+                  choice: Choice, available: int | None, device: str) -> list[tuple[str, int | None]]:
+    """(options, predicted stage peak) that lower the need, in the order to try them: the checkpointing levels
+    above the chosen one, then shorter windows, each with the cheapest level that fits there (auto takes it on
+    a GPU; elsewhere the option names it)."""
+    levels = memory.LEVELS if any(p in memory.GRAD_PASSES for p in passes) else memory.LEVELS[:1]
+    here = memory.peak_by_level(memory.predict_passes(passes, F, H, W, dtype, per_call, device))
+    out: list[tuple[str, int | None]] = [(f"--checkpointing {lv}", here[lv])
+                                         for lv in levels[levels.index(choice.mode) + 1:]]
     for w in (16, 8, 4):
         if per_call <= w:
             continue
-        peaks = memory.peak_by_level(memory.predict_passes(passes, F, H, W, dtype, w))
-        fits_off = available is not None and peaks["off"] is not None and peaks["off"] <= available
-        level = "off" if not grad or (cfg.checkpointing != "blocks" and fits_off) else "blocks"
+        peaks = memory.peak_by_level(memory.predict_passes(passes, F, H, W, dtype, w, device))
+        level = next((lv for lv in levels if available is not None and peaks[lv] is not None
+                      and peaks[lv] <= available), levels[-1])
+        if cfg.checkpointing in levels and levels.index(cfg.checkpointing) > levels.index(level):
+            level = cfg.checkpointing  # an explicit level saving more is kept
         text = f"--window {w}" + (f" --overlap {w // 2}" if int(cfg.overlap) >= w else "")
-        if level == "blocks" and (cfg.checkpointing == "off" or (cfg.checkpointing == "auto" and not cuda)):
-            text += " --checkpointing blocks"
+        auto_takes_it = cfg.checkpointing == "auto" and device.startswith("cuda")
+        if level != "off" and level != cfg.checkpointing and not auto_takes_it:
+            text += f" --checkpointing {level}"
         out.append((text, peaks[level]))
     return out
 
@@ -315,7 +319,6 @@ def plan_invert(ws: Workspace | None, cfg: InvertConfig, target: Target | None =
     validate(check)
     F, H, W = geometry(ws, frames, size)
     where = setting(cfg.device, cfg.dtype, target)
-    cuda = where["device"].startswith("cuda")
     mplan = invert_plan(cfg, F, H, W, where["device"], where["mem_dtype"])
     windows = clip_windows(F, cfg, MAX_WINDOW)
     passes = invert_passes(cfg)
@@ -324,13 +327,13 @@ def plan_invert(ws: Workspace | None, cfg: InvertConfig, target: Target | None =
     for name in passes:
         levels = memory.LEVELS if name in memory.GRAD_PASSES else memory.LEVELS[:1]
         try:
-            rows[name] = memory.predict_passes((name,), F, H, W, where["mem_dtype"], mplan.per_call())[name] \
-                if modelled else dict.fromkeys(levels)
+            rows[name] = memory.predict_passes((name,), F, H, W, where["mem_dtype"], mplan.per_call(),
+                                               where["device"])[name] if modelled else dict.fromkeys(levels)
         except ValueError:
             rows[name] = dict.fromkeys(levels)
     peaks = memory.peak_by_level(rows)
     choice = _choice(cfg, passes, mplan, where["available"])
-    fe = _forward_equivalents(cfg, windows, choice.enabled)
+    fe = forward_equivalents(cfg, windows, choice.enabled)
     frames_total = sum(e - s for s, e in windows.spans)
     tflop_fe = TFLOP_PER_FRAME_512 * (H // 8) * (W // 8) / memory.REF_TOKENS * frames_total
     S = int(cfg.steps)
@@ -346,7 +349,7 @@ def plan_invert(ws: Workspace | None, cfg: InvertConfig, target: Target | None =
     per_step = fe["middle_step"] * tflop_fe / tflops if tflops else None
     total = run_fe * tflop_fe / tflops if tflops else None
     alternatives = _alternatives(cfg, passes, F, H, W, where["mem_dtype"], mplan.per_call(), choice,
-                                 where["available"], cuda) if modelled else []
+                                 where["available"], where["device"]) if modelled else []
     notes = []
     if cfg.plain:
         notes.append("--plain holds weight gradients and explicit attention maps: not modelled, the figures are "

@@ -24,7 +24,7 @@ from stages.common.errors import ModelMissingError, first_line
 from stages.models.catalog import DEFAULT_SPEC
 from stages.models.configs import RANDOM_SPECS, TINY_SEED
 from stages.models.formats import adapter_from_file, folder_tokenizer, load_single_file
-from stages.models.ops import Models, resolve_device, resolve_dtype
+from stages.models.ops import Models, host_device, resolve_device, resolve_dtype
 from stages.models.patches import set_motion_groups, set_per_frame_groupnorm
 from stages.models.resolve import require_component, resolve_weights
 
@@ -101,12 +101,14 @@ def load_models(spec: str = DEFAULT_SPEC, device: str | torch.device = "auto", d
     set_motion_groups(unet, int(adapter.config.motion_norm_num_groups))
     del unet2d, adapter
     set_per_frame_groupnorm(unet, per_frame_groupnorm)
-    # UNet weights in the compute dtype on GPU (autocast then has nothing to cast); VAE and text in fp32.
+    # UNet weights in the compute dtype on GPU (autocast then has nothing to cast); VAE and text in fp32, in
+    # host memory on a GPU except during their own calls (ops.on_device)
     unet_dtype = cdtype if dev.type == "cuda" else torch.float32
-    for model, want in ((unet, unet_dtype), (vae, torch.float32), (text, torch.float32)):
+    for model, want, where in ((unet, unet_dtype, dev), (vae, torch.float32, host_device(dev)),
+                               (text, torch.float32, host_device(dev))):
         if next(model.parameters()).dtype != want:  # diffusers warns on every dtype .to(), even a no-op
             model.to(dtype=want)
-        model.to(device=dev)
+        model.to(device=where)
     for model in (unet, vae, text):
         model.requires_grad_(False)
         model.eval()

@@ -4,7 +4,7 @@ A CUDA out-of-memory (torch.OutOfMemoryError, or a RuntimeError saying "out of m
 allocator failure (torch's "can't allocate memory", numpy's and Python's MemoryError) become stages.common.errors.OutOfMemory in one place, `answer_oom`, which the stage
 runners use (so `vd batch` receives OutOfMemory unchanged and does not retry it) and vdcli.common.run
 falls back on for any stage. The message names the predicted need (stages.models.memory), the device's
-memory, and what reduces the need: --checkpointing blocks, --window 8, a smaller `vd mask --size`.
+memory, and what reduces the need: --checkpointing layers, --window 8, a smaller `vd mask --size`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class MemoryPlan:
     width: int
     dtype: str  # fp32 | bf16 | fp16 (as memory.canonical_dtype reads it)
     window: int | None = None  # frames per UNet call; None: the whole clip
-    checkpointing: bool = False
+    checkpointing: str = "off"  # the level of the grad passes (memory.LEVELS)
     model: str = ""
     device: str = ""  # where it runs ("cuda:0", "cpu"); "" when unknown
     grad_passes: tuple[str, ...] = ("stdg", "null_text")  # the backpropagating passes this run has
@@ -44,7 +44,7 @@ class MemoryPlan:
             return None
         try:
             return memory.predict_stage_peak(self.stage, self.frames, self.height, self.width, self.dtype,
-                                             self.checkpointing, self.window)
+                                             self.checkpointing, self.window, self.device or "cuda")
         except ValueError:  # no measured table for this pass/dtype yet, or sizes the model refuses
             return None
 
@@ -123,8 +123,9 @@ def _options(plan: MemoryPlan | None) -> str:
 
     opts = []
     if plan is None or plan.stage == "invert":
-        if plan is None or not plan.checkpointing:
-            opts.append("--checkpointing blocks" + (shown(replace(plan, checkpointing=True)) if plan else ""))
+        if plan is None or plan.checkpointing != memory.LEVELS[-1]:
+            opts.append(f"--checkpointing {memory.LEVELS[-1]}"
+                        + (shown(replace(plan, checkpointing=memory.LEVELS[-1])) if plan else ""))
         if plan is None or plan.per_call() > 8:
             opts.append("--window 8" + (shown(replace(plan, window=8)) if plan else ""))
     elif plan.per_call() > 8:
@@ -144,7 +145,7 @@ def oom_message(plan: MemoryPlan | None, info: dict[str, Any], stage: str | None
         need = plan.need()
         setting = (f"{plan.per_call()} frames of {plan.width}x{plan.height} per UNet call, "
                    f"{memory.canonical_dtype(plan.dtype) if plan.dtype else '?'}, checkpointing "
-                   f"{'blocks' if plan.checkpointing else 'off'}")
+                   f"{plan.checkpointing}")
         if need is not None:
             text += f": predicted need about {gib(need)} ({setting})"
         else:

@@ -3,8 +3,9 @@ decode and one UNet noise prediction; plus the --device / --dtype choices."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -17,8 +18,8 @@ class Models:
     """Frozen components in eval mode plus what identifies them."""
 
     unet: Any  # diffusers UNetMotionModel
-    vae: Any  # diffusers AutoencoderKL (float32)
-    text_encoder: Any  # transformers CLIPTextModel (float32)
+    vae: Any  # diffusers AutoencoderKL (float32; on a GPU kept in host memory between its calls)
+    text_encoder: Any  # transformers CLIPTextModel (float32; likewise)
     tokenizer: Any  # transformers CLIPTokenizer
     spec: str
     fingerprint: str
@@ -66,6 +67,26 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return _DTYPES[dtype]
 
 
+def host_device(device: torch.device) -> torch.device:
+    """Where the VAE and text encoder wait between their calls: host memory when the models run on a GPU (the
+    UNet passes then have their 0.77 GiB), else the device itself."""
+    return torch.device("cpu") if device.type == "cuda" else device
+
+
+@contextlib.contextmanager
+def on_device(models: Models, module: Any) -> Iterator[Any]:
+    """`module` (the VAE or the text encoder) on the models' device for the block, back where it was after."""
+    home = next(module.parameters()).device
+    if home == models.device:
+        yield module
+        return
+    module.to(models.device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+
 def _autocast(models: Models) -> torch.autocast:
     enabled = models.dtype != torch.float32
     return torch.autocast(device_type=models.device.type, dtype=models.dtype, enabled=enabled)
@@ -78,7 +99,8 @@ def encode_text(models: Models, prompts: list[str]) -> torch.Tensor:
         prompts = [prompts]
     ids = models.tokenizer(list(prompts), padding="max_length", max_length=77, truncation=True,
                            return_tensors="pt").input_ids.to(models.device)
-    return models.text_encoder(ids).last_hidden_state.float()
+    with on_device(models, models.text_encoder) as text:
+        return text(ids).last_hidden_state.float()
 
 
 @torch.no_grad()
@@ -96,8 +118,8 @@ def vae_encode(models: Models, frames: np.ndarray, seed: int = 42, chunk: int = 
     if frames.shape[1] % 8 or frames.shape[2] % 8:
         raise InputError(f"frame size {frames.shape[1]}x{frames.shape[2]} must be a multiple of 8")
     x = torch.from_numpy(frames).to(models.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    moments = torch.cat([models.vae.encode(x[i:i + chunk]).latent_dist.parameters
-                         for i in range(0, len(x), chunk)])
+    with on_device(models, models.vae) as vae:
+        moments = torch.cat([vae.encode(x[i:i + chunk]).latent_dist.parameters for i in range(0, len(x), chunk)])
     gen = torch.Generator(device=models.device).manual_seed(seed)
     latents = DiagonalGaussianDistribution(moments).sample(generator=gen)
     return (latents * models.vae.config.scaling_factor).float()
@@ -107,11 +129,12 @@ def vae_encode(models: Models, frames: np.ndarray, seed: int = 42, chunk: int = 
 def vae_decode(models: Models, latents: torch.Tensor) -> np.ndarray:
     """Latents (F, 4, h, w) -> uint8 frames (F, 8h, 8w, 3), decoded one frame at a time, rounded."""
     out = []
-    for z in latents:
-        z = z[None].to(models.device, torch.float32) / models.vae.config.scaling_factor
-        img = models.vae.decode(z).sample
-        img = (img / 2 + 0.5).clamp(0, 1)
-        out.append((img[0].permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy())
+    with on_device(models, models.vae) as vae:
+        for z in latents:
+            z = z[None].to(models.device, torch.float32) / vae.config.scaling_factor
+            img = vae.decode(z).sample
+            img = (img / 2 + 0.5).clamp(0, 1)
+            out.append((img[0].permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy())
     return np.stack(out)
 
 

@@ -96,10 +96,11 @@ def invert_command(
              "flags override them. Edits made from the old inversion become stale (`vd info` lists them).")] = False,
     device: Annotated[str, typer.Option("--device", rich_help_panel=_RUN, help="auto, cpu or cuda[:N].")] = "auto",
     checkpointing: Annotated[Optional[str], typer.Option(
-        "--checkpointing", metavar="off|blocks|auto", rich_help_panel=_RUN,
-        help="Recompute each UNet block in the backward instead of keeping its activations (same results, "
-             "less memory, more time); auto: on when the predicted peak exceeds the GPU's free memory, off on "
-             "the CPU. \\[default: auto]")] = None,
+        "--checkpointing", metavar="off|blocks|layers|auto", rich_help_panel=_RUN,
+        help="Recompute each UNet block (blocks) or each layer inside the blocks (layers: least memory) in the "
+             "backward instead of keeping its activations (same results, less memory, more time); auto: the "
+             "first of off, blocks, layers whose predicted peak fits the GPU's free memory, off on the CPU. "
+             "\\[default: auto]")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", rich_help_panel=_RUN,
         help="Print the predicted peak memory per pass and an estimate of the time per step; loads no "

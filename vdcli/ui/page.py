@@ -161,7 +161,7 @@ def build(studio: Studio, max_upload: int) -> Any:
             steps = gr.Number(defaults["steps"], label="Steps", precision=0, minimum=2, elem_id="steps")
             null_steps = gr.Number(defaults["null_steps"], label="Null-text steps", precision=0, minimum=0,
                                    elem_id="null-steps")
-            checkpointing = gr.Radio(["auto", "off", "blocks"], value="auto", label="Checkpointing")
+            checkpointing = gr.Radio(["auto", "off", "blocks", "layers"], value="auto", label="Checkpointing")
         with gr.Row():
             estimate = gr.Button("Estimate")
             invert = gr.Button("Invert", variant="primary", elem_id="invert")
