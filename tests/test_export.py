@@ -367,6 +367,30 @@ def test_is_current_follows_the_settings_and_the_edit(ws, tmp_path):
     assert not ok and "redone" in why
 
 
+def test_a_stale_edit_is_not_delivered(ws, tmp_path):
+    """An edit whose inputs changed since it was made (here the workspace frames it read, then its inversion)
+    is refused like `vd edit`/`vd eval` refuse stale work: exit 3, the fix named, nothing written."""
+    from stages.export import ExportConfig, is_current
+    from stages.io.reads import Reads
+
+    out = tmp_path / "s.mp4"
+    ws.update_attrs("edits/red", reads=Reads(ws).of(["video/frames"]))
+    assert vd("export", ws.path, "--edit", "red", "-o", out, "-q").exit_code == 0
+    cfg = ExportConfig(edit="red", output=str(out))
+    assert is_current(ws, cfg) == (True, "")
+    frames = ws.read("video/frames").copy()
+    frames[0, 0, 0] ^= 1  # one value of the frames the edit was made from
+    ws.write_array("video/frames", frames)
+    ok, why = is_current(ws, cfg)
+    assert not ok and why == "edit 'red' is stale (video/frames changed since it was made)"
+    again = tmp_path / "t.mp4"
+    one_line_error(vd("export", ws.path, "--edit", "red", "-o", again), 3, "edit 'red' is stale",
+                   "video/frames changed", f"vd edit {ws.path} --name red --force")
+    ws.update_attrs("edits/red", reads=None, inversion="an inversion since removed")
+    one_line_error(vd("export", ws.path, "--edit", "red", "-o", again), 3, "its inversion is gone")
+    assert not again.exists()
+
+
 def test_edit_regions_by_kind(tmp_path):
     from conftest import make_workspace
     from stages.export.region import edit_region

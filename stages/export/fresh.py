@@ -14,9 +14,10 @@ def is_current(ws: Workspace, cfg: ExportConfig) -> tuple[bool, str]:
     """(True, "") when `run_export(ws, cfg)` would write what is already there, else (False, why).
 
     Current: the output exists, the edit's record for that output has the same settings (codec, crf,
-    audio, whole clip, feather, colour match, source sha256), the edit is unchanged since (its attrs) and
-    the masks it pastes with are the ones the edit read. Reads only; the source is not decoded (its sha256
+    audio, whole clip, feather, colour match, source sha256), the edit is unchanged since (its attrs), the
+    masks it pastes with are the ones the edit read, and the edit itself is not stale. Reads only; the source is not decoded (its sha256
     was compared when the export ran)."""
+    from stages.edit.fresh import stale_reason
     from stages.export.region import edit_region
     from stages.export.run import edit_identity, export_settings, masks_changed, pick_edit
 
@@ -46,4 +47,7 @@ def is_current(ws: Workspace, cfg: ExportConfig) -> tuple[bool, str]:
     changed = masks_changed(ws, attrs, edit_region(ws, attrs).arrays)
     if changed:
         return False, f"{', '.join(changed)} changed since edit {name!r} was made"
+    why = stale_reason(ws, name)
+    if why:
+        return False, f"edit {name!r} is stale ({why})"
     return True, ""

@@ -34,6 +34,16 @@ from stages.method.composite import Geometry, paste
 
 
 # ----------------------------------------------------------------------------------------- inputs
+def refuse_stale_edit(ws: Workspace, name: str) -> None:
+    """InputError when edit `name` is stale (its inversion was redone or its inputs changed: stages.edit.fresh),
+    with the command that makes it current: stale work is never delivered."""
+    from stages.edit.fresh import stale_fix, stale_reason
+
+    why = stale_reason(ws, name)
+    if why:
+        raise InputError(f"{ws.path}: edit {name!r} is stale ({why}); {stale_fix(ws, name)}")
+
+
 def pick_edit(ws: Workspace, name: str | None) -> str:
     """The edit to export: `name`, or the workspace's only finished edit."""
     names = edit_names(ws)
@@ -202,6 +212,7 @@ def run_export(workspace: Workspace | str | Path, cfg: ExportConfig,
     if changed:
         raise InputError(f"{', '.join(changed)} changed since edit {name!r} was made, so its region no longer "
                          f"matches its frames; redo it with `vd edit {ws.path} --name {name} --force ...`")
+    refuse_stale_edit(ws, name)
     source = dict(ws.attrs.get("source") or {})
     media = probe_source(resolve_source(source, cfg.source))
     geom = geometry(source, media)
