@@ -299,6 +299,25 @@ def test_weights_target_and_missing_weights(no_weights, tmp_path):
         locate(tmp_path)
 
 
+def test_weights_as_from_pretrained_reads_them(tiny, tmp_path, capfd, caplog):
+    """A folder holding only the fp16 variant loads (as diffusers' variant="fp16"), and the identity hashes the
+    file that was loaded: stages.models.resolve.component, the rule load_models uses."""
+    from stages.models.identity import config_files, fingerprint
+    from stages.models.sparsectrl import load_sparsectrl
+
+    folder = tmp_path / "fp16-only"
+    tiny_sparsectrl().save_pretrained(folder, variant="fp16")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.fp16.safetensors"]
+    assert locate(folder)[0] == folder
+    loaded = load_sparsectrl(tiny, folder)
+    for name, value in tiny_sparsectrl().state_dict().items():  # save_pretrained keeps the dtype it is given
+        assert torch.equal(loaded.model.state_dict()[name], value), name
+    files = [folder / "diffusion_pytorch_model.fp16.safetensors"]
+    assert loaded.fingerprint == fingerprint("sparsectrl-rgb", files, [config_files(folder, ("",))[0]])
+    # no diffusers warning for a no-op dtype cast (it reaches users' stderr through diffusers' logging)
+    assert "kept in float32" not in caplog.text + capfd.readouterr().err
+
+
 def test_manifest_accepts_first_frame_per_edit(tmp_path):
     from stages.batch.manifest import validate_manifest
 

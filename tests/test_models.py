@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from stages.common.cache import vd_cache
 from stages.common.errors import InputError, ModelMissingError, UsageError
 from stages.io.synthetic import moving_disc
 from stages.models import catalog, configs, formats, ops, patches, random_specs, status
@@ -437,7 +438,7 @@ def test_hub_snapshot_prefers_refs_main_then_newest_complete(tmp_path, monkeypat
     (repo / "refs" / "main").write_text("gone")  # refs/main naming a missing snapshot: any snapshot will do
     assert catalog.hub_snapshot("org/name") in {repo / "snapshots" / "old", repo / "snapshots" / "main1"}
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert catalog.vd_cache("lpips") == tmp_path / "xdg" / "vd" / "lpips"
+    assert vd_cache("lpips") == tmp_path / "xdg" / "vd" / "lpips"
 
 
 def test_fingerprints_are_stable_across_versions():

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from stages.common.cache import vd_cache
 from stages.common.errors import InputError
 
 HASH_CACHE = "file-sha256"
@@ -38,12 +39,6 @@ def digest(*parts: Any, length: int = 16) -> str:
         h.update(np.ascontiguousarray(part).tobytes() if isinstance(part, np.ndarray)
                  else json.dumps(part, sort_keys=True, default=str).encode())
     return h.hexdigest()[:length]
-
-
-def hash_cache_folder() -> Path:
-    """Where `file_sha256` keeps digests: <$XDG_CACHE_HOME or ~/.cache>/vd/file-sha256."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
-    return base / "vd" / HASH_CACHE
 
 
 def stat_key(st: os.stat_result) -> str:
@@ -80,7 +75,7 @@ def file_sha256(path: str | Path) -> str:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
     key = stat_key(before)
     cacheable = before.st_size >= CACHE_MIN_BYTES
-    entry = hash_cache_folder() / key
+    entry = vd_cache(HASH_CACHE) / key
     if cacheable and (cached := _read_cached(entry)):
         return cached
     h = hashlib.sha256()

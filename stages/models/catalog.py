@@ -7,10 +7,11 @@ without loading a model; huggingface_hub is imported only inside the cache looku
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
+
+from stages.common.cache import vd_cache
 
 # ------------------------------------------------------------------------------------- repositories
 
@@ -171,12 +172,6 @@ ALL = ("sd15", "motion-adapter", "sam2-large", "clip", "pickscore", "lpips")
 NAMES = ("all", *TARGETS, "sam2")
 
 # ------------------------------------------------------------------------------------- caches
-
-
-def vd_cache(folder: str = "") -> Path:
-    """<$XDG_CACHE_HOME or ~/.cache>/vd/<folder>: where weights that are not in the Hugging Face cache go."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
-    return base / "vd" / folder if folder else base / "vd"
 
 
 def hub_cache() -> Path:

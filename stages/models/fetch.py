@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from stages.common.errors import ModelMissingError, UsageError
 from stages.common.progress import Progress
-from stages.models.catalog import ALIASES, ALL, NAMES, TARGETS, File, HubFile, UrlFile, cached_name, hub_cache, vd_cache
+from stages.common.cache import vd_cache
+from stages.models.catalog import ALIASES, ALL, NAMES, TARGETS, File, HubFile, UrlFile, cached_name, hub_cache
 from stages.models.transfer import (TransferError, Unreachable, fetch_to_part, mirrored, open_url, reason,
                                     verify)
 

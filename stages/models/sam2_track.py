@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from stages.common.cache import vd_cache
 from stages.common.errors import InputError, ModelMissingError, UsageError, first_line
 from stages.models import catalog
 from stages.models.catalog import ENV_SAM2_DIR, SAM2_CHECKPOINTS
@@ -39,7 +40,7 @@ def canonical_name(name: str) -> str:
 def sam2_dirs() -> list[Path]:
     """Folders searched for checkpoint files, besides the Hugging Face cache."""
     dirs = [Path(os.environ[ENV_SAM2_DIR]).expanduser()] if os.environ.get(ENV_SAM2_DIR) else []
-    return [*dirs, catalog.vd_cache("sam2")]
+    return [*dirs, vd_cache("sam2")]
 
 
 def find_sam2_checkpoint(name: str) -> Path | None:

@@ -21,13 +21,12 @@ from typing import Any
 from stages.common.errors import InputError, ModelMissingError, first_line
 from stages.models import catalog
 from stages.models.catalog import ENV_SPARSECTRL, SPARSECTRL_GET, SPARSECTRL_REPO, TARGETS
+from stages.models.resolve import component, require_component
 
 NAME = "sparsectrl-rgb"  # the `vd models --get` target
 RANDOM = "tiny-random"  # the name of the random SparseCtrl in every output (attrs, --json, logs)
 RANDOM_SEED = 0
 HINT = f"vd models --get {NAME}, or {SPARSECTRL_GET}"
-_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-            "diffusion_pytorch_model.bin")
 
 
 @dataclass
@@ -93,17 +92,13 @@ def random_sparsectrl(models: Any, seed: int = RANDOM_SEED) -> SparseCtrl:
 
 # ------------------------------------------------------------------------------------------ locating
 
-def _weight_file(folder: Path) -> Path | None:
-    return next((folder / n for n in _WEIGHTS if (folder / n).is_file()), None)
-
-
 def locate(path: str | Path | None = None) -> tuple[Path, str]:
     """(folder, source) of the SparseCtrl RGB weights: `path`, else $VD_SPARSECTRL, else the Hugging Face
     cache. ModelMissingError (exit 4) with how to get them when absent. Nothing is read or loaded."""
     explicit = path or os.environ.get(ENV_SPARSECTRL)
     if explicit:
         folder = Path(str(explicit)).expanduser()
-        if not (folder / "config.json").is_file() or _weight_file(folder) is None:
+        if not (folder / "config.json").is_file() or component(folder) is None:
             raise ModelMissingError(f"{folder} is not a SparseControlNetModel folder (config.json and "
                                     f"diffusion_pytorch_model.safetensors): {HINT}")
         return folder, str(folder) if path else f"{ENV_SPARSECTRL}={folder}"
@@ -155,20 +150,19 @@ def load_sparsectrl(models: Any, path: str | Path | None = None) -> SparseCtrl:
     folder, source = locate(path)
     config = config_files(folder, ("",))[0]
     check_compatible(config, models.unet, str(folder))
+    weights = require_component(folder)  # the files from_pretrained reads: loading and identity alike
     level = dlogging.get_verbosity()
     dlogging.set_verbosity_error()
     try:
-        kwargs: dict[str, Any] = {"local_files_only": True}
-        if not (folder / _WEIGHTS[0]).is_file() and (folder / _WEIGHTS[1]).is_file():
-            kwargs["variant"] = "fp16"
-        model = SparseControlNetModel.from_pretrained(folder, **kwargs)
+        model = SparseControlNetModel.from_pretrained(folder, local_files_only=True, variant=weights.variant)
     except Exception as exc:
         raise InputError(f"cannot load SparseCtrl from {folder}: {first_line(exc)}") from None
     finally:
         dlogging.set_verbosity(level)
-    dtype = next(models.unet.parameters()).dtype
-    model.to(device=models.device, dtype=dtype if models.device.type == "cuda" else torch.float32)
+    want = next(models.unet.parameters()).dtype if models.device.type == "cuda" else torch.float32
+    if next(model.parameters()).dtype != want:  # diffusers warns on every dtype .to(), even a no-op
+        model.to(dtype=want)
+    model.to(device=models.device)
     model.requires_grad_(False).eval()
-    weights = _weight_file(folder)
-    identity = fingerprint("sparsectrl-rgb", [weights] if weights else [], [config])
+    identity = fingerprint("sparsectrl-rgb", list(weights.files), [config])
     return SparseCtrl(model, source, identity)
