@@ -158,11 +158,10 @@ def test_inversion_with_blocks_or_layers_equals_off_and_needs_no_restart(tiny, t
         ws = make_workspace(tmp_path / mode)
         run_invert(ws, _cfg(checkpointing=mode), Progress(quiet=True), models=tiny)
         runs[mode] = ws
-    for level in ("blocks", "layers"):
+    for level in ("blocks", "layers"):  # the recomputation replays the same CPU kernels: bitwise equal
         for name in ("latents", "recon_latents", "null_embeddings", "stdg/guidance"):
             a, b = runs["off"].read(f"inversion/{name}"), runs[level].read(f"inversion/{name}")
-            scale = max(float(np.abs(a).max()), 1e-6)
-            assert float(np.abs(a - b).max()) <= 1e-5 * scale, (level, name)
+            assert np.array_equal(a, b), (level, name, float(np.abs(a - b).max()))
     assert runs["layers"].group_attrs("inversion")["checkpointing"]["mode"] == "layers"
     assert float(np.abs(runs["off"].read("inversion/stdg/guidance")).max()) > 0  # STDG ran
     off, on = runs["off"].group_attrs("inversion"), runs["blocks"].group_attrs("inversion")
