@@ -294,7 +294,11 @@ def run_pass(name: str, models: Any, frames: int, px: int, tracker: LiveStorages
     result = {"saved_activations": 0, "saved_params": 0, "retained": 0}
     if name in ("ddim", "null_text"):  # vd runs every UNet call through its controller (no handlers here)
         install(models.unet, AttentionController())
-    x = _inputs(models, frames, px)
+    # the UNet passes run with the arrays of their frames alive (trajectory, masks, embeddings: the clip state
+    # of one window); the VAE passes with their input only (stages.models.memory adds the clip state of the
+    # frames outside the window, and of the whole clip around the decode)
+    x = _inputs(models, frames, px) if name not in ("vae_encode", "vae_decode") else \
+        {"z": torch.zeros(1, frames, 4, px // 8, px // 8)}
     start = tracker.live
     if name == "ddim":
         with torch.no_grad():
@@ -411,7 +415,8 @@ def _edit(models: Any, x: dict[str, Any], frames: int, px: int) -> None:
 
 
 def _vae_encode(models: Any, frames: int, px: int) -> None:
-    """stages.models' vae_encode itself (chunks of 4 frames, one posterior sample)."""
+    """stages.models' vae_encode itself (chunks of 4 frames, each copied to the device on its own, one
+    posterior sample)."""
     import numpy as np
 
     models_api("vae_encode")(models, np.zeros((frames, px, px, 3), np.uint8))

@@ -194,7 +194,7 @@ def table(monkeypatch):
 
 
 def test_auto_picks_the_first_level_that_fits(table):
-    plan = MemoryPlan("invert", 24, 512, 512, "bf16", window=16, model="sd15-animatediff-v3", device="cuda:0")
+    plan = MemoryPlan("invert", 16, 512, 512, "bf16", window=16, model="sd15-animatediff-v3", device="cuda:0")
     need = 1 * GIB + 3 * GIB + 16 * GIB  # weights + the null-text pass at 16 frames per call
     assert choose("auto", plan, available=need + 1).mode == "off"
     assert choose("auto", plan, available=need - 1).mode == "blocks"
@@ -209,6 +209,10 @@ def test_auto_picks_the_first_level_that_fits(table):
                                                              "even with layers")
     assert choose("auto", MemoryPlan("invert", 24, 512, 512, "bf16", window=8, model="sd15-animatediff-v3",
                                      device="cuda:0"), available=need - GIB).mode == "off"  # 8 frames per call fit
+    # a longer clip in windows of 16: the other 8 frames' state (trajectory, embedding, mask) counts too
+    longer = choose("auto", MemoryPlan("invert", 24, 512, 512, "bf16", window=16, model="sd15-animatediff-v3",
+                                       device="cuda:0"), available=need + 1)
+    assert longer.mode == "blocks" and longer.need == need + 8 * (52 * 4 * 4096 * 4 + 77 * 768 * 4 + 512 * 512)
     assert choose("auto", plan.__class__(**{**plan.__dict__, "device": "cpu"}), available=0).mode == "off"
     assert choose("auto", plan.__class__(**{**plan.__dict__, "model": "tiny"}), available=0).mode == "off"
     assert choose("blocks", plan, available=10**15).mode == "blocks"

@@ -102,13 +102,13 @@ def test_module_imports_no_torch():
 
 # ---- the measured table (stages.models.memory.COEFFICIENTS), against peaks measured by bench/memory.py
 # Fake-tensor peaks, bytes, all three models resident (bench/RESULTS.md): direct 16-frame runs at 512 px in bf16
-# (not used by the fit, which saw 1, 2 and 4 frames; the grad passes' rows 2026-12-06, the others 2026-12-03)
-# and the fp32 null-text pass at 1 frame.
+# (not used by the fit, which saw 1, 2 and 4 frames (and 8 for the VAE encode); the grad and VAE passes' rows
+# 2026-12-06, ddim and edit 2026-12-03) and the fp32 null-text pass at 1 frame.
 MEASURED_16F_BF16 = {("null_text", "off"): 30216222720, ("null_text", "blocks"): 13874867712,
                      ("null_text", "layers"): 6687278592, ("stdg", "off"): 22372269056,
                      ("stdg", "blocks"): 9660560384, ("stdg", "layers"): 5487676928, ("ddim", "off"): 4576660480,
-                     ("edit", "off"): 7993625088, ("vae_encode", "off"): 6180415488,
-                     ("vae_decode", "off"): 4264536064}
+                     ("edit", "off"): 7993625088, ("vae_encode", "off"): 6080973312,
+                     ("vae_decode", "off"): 4202842624}
 
 
 @pytest.mark.parametrize("key", sorted(MEASURED_16F_BF16))
@@ -151,7 +151,17 @@ def test_stage_peaks_16_frames_512_bf16():
     assert memory.predict_stage_peak("invert", 32, 512, 512, "bf16", "layers", window=32) <= 22 * GIB
     assert memory.predict_stage_peak("invert", 16, 512, 512, "bf16", "blocks") <= 16 * GIB
     assert memory.predict_stage_peak("invert", 16, 512, 512, "bf16") > 24 * GIB
-    # a window of 8 frames bounds the UNet passes; the VAE passes still see the clip
+    # a window of 8 frames bounds the UNet passes' activations; the other 56 frames' state stays on the device:
+    # per frame 52 latents of 4 x 64 x 64 float32, a 77 x 768 float32 embedding and a 512 x 512 byte mask
+    state = 56 * (52 * 4 * 4096 * 4 + 77 * 768 * 4 + 512 * 512)
+    assert memory.clip_state_bytes(56, 512, 512) == state == 218767360
     windowed = memory.predict_stage_peak("invert", 64, 512, 512, "bf16", window=8)
-    assert windowed == memory.predict_peak("null_text", 8, 512, 512, "bf16")
+    assert windowed == memory.predict_peak("null_text", 8, 512, 512, "bf16") + state
     assert memory.predict_stage_peak("edit", 16, 512, 512, "bf16") == memory.predict_peak("edit", 16, 512, 512)
+    # 1000 frames in windows of 16 with layers: the state of the 984 frames outside the window (3.6 GiB) comes on
+    # top of the null-text pass; the VAE encode of the whole clip holds one chunk of pixels (0.2 MB per frame)
+    long = memory.predict_passes(memory.STAGE_PASSES["invert"], 1000, 512, 512, "bf16", window=16)
+    assert long["null_text"]["layers"] == memory.predict_peak("null_text", 16, 512, 512, "bf16", "layers") \
+        + memory.clip_state_bytes(984, 512, 512)
+    assert long["vae_encode"]["off"] - memory.predict_peak("vae_encode", 16, 512, 512) == 984 * 196608
+    assert max(row.get("layers", row["off"]) for row in long.values()) <= 11.5 * GIB  # still a 12 GB card

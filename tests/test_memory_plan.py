@@ -176,7 +176,8 @@ def test_memory_helpers_behind_the_card_table(stated):
     rows = memory.predict_passes(passes, 24, 512, 512, "bf16", window=16)
     assert set(rows["ddim"]) == {"off"} and set(rows["null_text"]) == {"off", "blocks", "layers"}
     assert rows["vae_encode"]["off"] == W_VAE + 237056 + 4 * 670957568 + 24 * 7183360  # the whole clip
-    assert rows["stdg"]["blocks"] == W_BF16 + 299520 + 16 * 392425984  # one window of 16
+    state = 52 * 4 * 4096 * 4 + 77 * 768 * 4 + 512 * 512  # per frame outside the window (memory.clip_state_bytes)
+    assert rows["stdg"]["blocks"] == W_BF16 + 299520 + 16 * 392425984 + 8 * state  # one window of 16
     # 11.5 GiB with blocks: 12,348,030,976 >= W + 331,776 + n x 655,817,216 (null text) for n <= 14
     assert memory.largest_window(passes, 512, 512, 12 * GIB - GIB // 2, "bf16", "blocks") == 14
     # with layers null text fits all 32 frames (W + 249,856 + 32 x 206,600,704 = 9.17e9), and so does the VAE
@@ -201,7 +202,9 @@ def test_cli_with_a_workspace_and_for_edit(tmp_path, stated):
     assert e.exit_code == 0, e.output
     edit = json.loads(e.stdout)
     assert (edit["steps"], edit["window"], edit["windows"], edit["frames_per_call"]) == (10, 8, 3, 8)
-    assert edit["memory"]["passes"]["edit"]["off"] == W_BF16 + 241920 + 8 * 288247991
+    # windows of 8, plus the state of the other 8 frames at 10 steps: 12 latents, an embedding and the mask
+    state = 8 * (12 * 4 * 4096 * 4 + 77 * 768 * 4 + 512 * 512)
+    assert edit["memory"]["passes"]["edit"]["off"] == W_BF16 + 241920 + 8 * 288247991 + state
     assert edit["time"]["forward_equivalents_per_step"] == 4.0 and edit["verdict"]["fits"] is True
     text = runner.invoke(app, ["edit", "--dry-run", "--plan-for", "12GB", "--frames", "16", "--size", "512",
                                "--first-frame", str(tmp_path / "x.png")])

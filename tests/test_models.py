@@ -104,6 +104,20 @@ def test_shapes_and_dtypes(tiny):
         ops.vae_encode(tiny, video.astype(np.float32))
 
 
+def test_vae_encode_in_chunks_is_the_one_batch_posterior_sample(tiny):
+    """Chunks of 4 frames (4 + 2 here), each converted on its own, give the one-batch encode's moments and
+    one noise draw for the whole clip (ALGORITHM.md §1.3)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    video, _ = moving_disc(6, 64, 64, seed=1)
+    x = torch.from_numpy(video).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.no_grad():
+        moments = tiny.vae.encode(x).latent_dist.parameters
+    sample = DiagonalGaussianDistribution(moments).sample(generator=torch.Generator().manual_seed(42))
+    expected = sample * 0.18215
+    assert torch.allclose(ops.vae_encode(tiny, video, seed=42, chunk=4), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_unet_eps_rows_are_batch_major_and_gradients_flow(tiny):
     torch.manual_seed(0)
     z = torch.randn(2, 4, 4, 8, 8)

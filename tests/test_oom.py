@@ -99,9 +99,10 @@ def test_the_message_names_need_device_and_what_reduces_it(table):
     assert "\n" not in text
     assert text.startswith("out of memory on cuda:0 (NVIDIA L4, 22.0 GiB total, 3.0 GiB free) in vd invert")
     # need: weights 1 GiB + 2 GiB + 16 frames x 1 GiB; with layers (null text 1 + 2 + 16 x 0.125) the DDIM pass
-    # is the largest: 1 + 2 + 16 x 0.25; window 8: 1 + 2 + 8 x 1
-    assert "predicted need about 19.0 GiB (16 frames of 512x512 per UNet call, bf16, checkpointing off)" in text
-    assert "reduce it with --checkpointing layers (about 7.0 GiB), --window 8 (about 11.0 GiB), " in text
+    # is the largest: 1 + 2 + 16 x 0.25; window 8: 1 + 2 + 8 x 1; each plus the state of the frames outside the
+    # window (3,906,560 bytes a frame at 512 px: 16 frames 0.06 GiB, 24 frames 0.09 GiB)
+    assert "predicted need about 19.1 GiB (16 frames of 512x512 per UNet call, bf16, checkpointing off)" in text
+    assert "reduce it with --checkpointing layers (about 7.1 GiB), --window 8 (about 11.1 GiB), " in text
     assert text.endswith("a smaller `vd mask --size` (e.g. 384)")
     blocks = MemoryPlan("invert", 8, 512, 512, "bf16", window=16, checkpointing="blocks", model="sd15-animatediff-v3")
     assert "checkpointing blocks); reduce it with --checkpointing layers (about 5.0 GiB)" in oom_message(blocks, info)
@@ -193,14 +194,17 @@ def test_dry_run_predicts_without_loading_or_writing(tmp_path, table, no_load):
     plan = json.loads(r.stdout)
     assert (plan["frames"], plan["height"], plan["frames_per_call"], plan["windows"]) == (24, 64, 8, 4)
     mem = plan["memory"]
-    # 64 px = 1/64 of 512 px's tokens: weights 2 GiB (fp32) + (2 GiB + 8 x 1 GiB) / 64 for the UNet passes
-    assert mem["passes"]["null_text"]["off"] == 2 * GIB + (2 * GIB + 8 * GIB) // 64
-    assert mem["passes"]["stdg"]["blocks"] == 2 * GIB + (2 * GIB + 8 * GIB // 4) // 64
-    assert mem["passes"]["vae_encode"]["off"] == 2 * GIB + (GIB + 24 * GIB // 8) // 64  # the whole clip
-    assert mem["passes"]["null_text"]["layers"] == 2 * GIB + (2 * GIB + 8 * GIB // 8) // 64
-    # with layers the DDIM pass (2 + 8 x 0.25) and the VAE encode (1 + 24 / 8) are the largest
-    assert mem["peak"] == {"off": mem["passes"]["null_text"]["off"], "blocks": 2 * GIB + 4 * GIB // 64,
-                           "layers": 2 * GIB + 4 * GIB // 64}
+    # 64 px = 1/64 of 512 px's tokens: weights 2 GiB (fp32) + (2 GiB + 8 x 1 GiB) / 64 for the UNet passes, plus
+    # the state of the 16 frames outside the window: (10 + 2) latents of 4 x 8 x 8 float32, a 77 x 768 float32
+    # embedding and a 64 x 64 byte mask per frame
+    state = 16 * (12 * 4 * 64 * 4 + 77 * 768 * 4 + 64 * 64)
+    assert mem["passes"]["null_text"]["off"] == 2 * GIB + (2 * GIB + 8 * GIB) // 64 + state
+    assert mem["passes"]["stdg"]["blocks"] == 2 * GIB + (2 * GIB + 8 * GIB // 4) // 64 + state
+    assert mem["passes"]["vae_encode"]["off"] == 2 * GIB + (GIB + 24 * GIB // 8) // 64  # the whole clip, no state
+    assert mem["passes"]["null_text"]["layers"] == 2 * GIB + (2 * GIB + 8 * GIB // 8) // 64 + state
+    # with layers the DDIM pass (2 + 8 x 0.25, + state) is the largest
+    assert mem["peak"] == {"off": mem["passes"]["null_text"]["off"], "blocks": 2 * GIB + 4 * GIB // 64 + state,
+                           "layers": 2 * GIB + 4 * GIB // 64 + state}
     assert mem["checkpointing"]["mode"] == "off" and mem["estimate"] is True
     t = plan["time"]
     assert t["estimate"] is True and "ALGORITHM.md" in t["basis"] and "ARCHITECTURE.md" in t["basis"]

@@ -57,8 +57,8 @@ def plan_edit_run(ws: Workspace | None, device: str = "auto", dtype: str = "auto
     rows: dict[str, dict[str, int | None]] = {}
     for name in EDIT_PASSES:
         try:
-            rows[name] = (memory.predict_passes((name,), F, H, W, where["mem_dtype"], window,
-                                                where["device"])[name] if modelled else {"off": None})
+            rows[name] = (memory.predict_passes((name,), F, H, W, where["mem_dtype"], window, where["device"],
+                                                int(inv["steps"]))[name] if modelled else {"off": None})
         except ValueError:
             rows[name] = {"off": None}
     peaks = memory.peak_by_level(rows)
@@ -76,7 +76,8 @@ def plan_edit_run(ws: Workspace | None, device: str = "auto", dtype: str = "auto
     alternatives: list[tuple[str, int | None]] = []
     for w in (16, 8, 4):
         if per_call > w and modelled:
-            small = memory.predict_passes(EDIT_PASSES, F, H, W, where["mem_dtype"], w, where["device"])
+            small = memory.predict_passes(EDIT_PASSES, F, H, W, where["mem_dtype"], w, where["device"],
+                                          int(inv["steps"]))
             alternatives.append((f"`vd invert --window {w}` (edits use the inversion's windows)",
                                  memory.peak_by_level(small)["off"]))
     notes = [f"windows, steps and model: {inv['source']}"]

@@ -63,10 +63,11 @@ def grad_peak(plan: MemoryPlan, level: str) -> int | None:
     if not plan.grad_passes:
         return 0  # nothing backpropagates (direct inversion, negative prompt without STDG)
     try:
-        return max(memory.predict_peak(p, plan.per_call(), plan.height, plan.width, plan.dtype, level)
-                   for p in plan.grad_passes)
+        rows = memory.predict_passes(plan.grad_passes, plan.frames, plan.height, plan.width, plan.dtype,
+                                     plan.window, plan.device or "cuda")
     except ValueError:
         return None
+    return max(row[level] for row in rows.values())
 
 
 def choose(requested: str, plan: MemoryPlan, available: int | None = None) -> Choice:

@@ -278,13 +278,14 @@ def _alternatives(cfg: InvertConfig, passes: tuple[str, ...], F: int, H: int, W:
     above the chosen one, then shorter windows, each with the cheapest level that fits there (auto takes it on
     a GPU; elsewhere the option names it)."""
     levels = memory.LEVELS if any(p in memory.GRAD_PASSES for p in passes) else memory.LEVELS[:1]
-    here = memory.peak_by_level(memory.predict_passes(passes, F, H, W, dtype, per_call, device))
+    steps = int(cfg.steps)
+    here = memory.peak_by_level(memory.predict_passes(passes, F, H, W, dtype, per_call, device, steps))
     out: list[tuple[str, int | None]] = [(f"--checkpointing {lv}", here[lv])
                                          for lv in levels[levels.index(choice.mode) + 1:]]
     for w in (16, 8, 4):
         if per_call <= w:
             continue
-        peaks = memory.peak_by_level(memory.predict_passes(passes, F, H, W, dtype, w, device))
+        peaks = memory.peak_by_level(memory.predict_passes(passes, F, H, W, dtype, w, device, steps))
         level = next((lv for lv in levels if available is not None and peaks[lv] is not None
                       and peaks[lv] <= available), levels[-1])
         if cfg.checkpointing in levels and levels.index(cfg.checkpointing) > levels.index(level):
@@ -328,7 +329,8 @@ def plan_invert(ws: Workspace | None, cfg: InvertConfig, target: Target | None =
         levels = memory.LEVELS if name in memory.GRAD_PASSES else memory.LEVELS[:1]
         try:
             rows[name] = memory.predict_passes((name,), F, H, W, where["mem_dtype"], mplan.per_call(),
-                                               where["device"])[name] if modelled else dict.fromkeys(levels)
+                                               where["device"], int(cfg.steps))[name] if modelled \
+                else dict.fromkeys(levels)
         except ValueError:
             rows[name] = dict.fromkeys(levels)
     peaks = memory.peak_by_level(rows)

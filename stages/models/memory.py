@@ -42,9 +42,11 @@ LEVELS = ("off", "blocks", "layers")  # checkpointing levels of the grad passes,
 # device memory a CUDA process uses outside torch's allocator (the CUDA context with its kernels, cuBLAS/cuDNN
 # workspaces): an assumption (typically 0.3-0.6 GiB), not measured here; bench/gpu.py records the real figure
 CUDA_CONTEXT_ALLOWANCE = GIB // 2
+DEFAULT_STEPS = 50
+TEXT_TOKENS, TEXT_DIM = 77, 768  # SD1.5's CLIP text embedding per frame
 
-# --- measured by bench/memory.py (CPU, fake-tensor measurement; bench/RESULTS.md: the grad passes' rows
-# --- 2026-12-06 with every level, the others 2026-12-03); refresh by pasting the block it prints
+# --- measured by bench/memory.py (CPU, fake-tensor measurement; bench/RESULTS.md: the grad passes' and the VAE
+# --- passes' rows 2026-12-06, ddim and edit 2026-12-03); refresh by pasting the block it prints
 WEIGHT_ELEMENTS = {"unet": 1277221764, "vae": 83653863, "text": 123060480}
 COEFFICIENTS: dict[str, dict[str, dict[str, Any]]] = {
     "bf16": {
@@ -56,8 +58,8 @@ COEFFICIENTS: dict[str, dict[str, dict[str, Any]]] = {
         "stdg": {"const": -534528, "const_exp": 1.0, "per_frame": 1182828178, "per_frame_exp": 0.9942},
         "stdg+blocks": {"const": 299520, "const_exp": -0.0004, "per_frame": 392425984, "per_frame_exp": 0.9975},
         "stdg+layers": {"const": 251904, "const_exp": -0.0005, "per_frame": 131625472, "per_frame_exp": 0.9952},
-        "vae_decode": {"const": 804888064, "const_exp": 0.9995, "per_clip_frame": 5591771, "per_clip_frame_exp": 0.9283, "chunk": 1},
-        "vae_encode": {"const": 237056, "const_exp": 0.0, "per_frame": 670957568, "per_frame_exp": 1.0, "per_clip_frame": 7183360, "per_clip_frame_exp": 0.9436, "chunk": 4},
+        "vae_decode": {"const": 804651008, "const_exp": 1.0, "per_clip_frame": 1750747, "per_clip_frame_exp": 1.0, "chunk": 1},
+        "vae_encode": {"const": 0, "const_exp": 1.024, "per_frame": 674103296, "per_frame_exp": 1.0, "per_clip_frame": 196608, "per_clip_frame_exp": 1.0, "chunk": 4},
     },
     "fp32": {
         "ddim": {"const": 237832, "const_exp": 0.0, "per_frame": 140226560, "per_frame_exp": 0.9969},
@@ -68,8 +70,8 @@ COEFFICIENTS: dict[str, dict[str, dict[str, Any]]] = {
         "stdg": {"const": -990968, "const_exp": 1.7235, "per_frame": 1862558549, "per_frame_exp": 0.9929},
         "stdg+blocks": {"const": 236568, "const_exp": 0.0, "per_frame": 646875136, "per_frame_exp": 0.9979},
         "stdg+layers": {"const": 237832, "const_exp": 0.0, "per_frame": 245506560, "per_frame_exp": 0.9976},
-        "vae_decode": {"const": 804887560, "const_exp": 0.9995, "per_clip_frame": 5591771, "per_clip_frame_exp": 0.9283, "chunk": 1},
-        "vae_encode": {"const": 236552, "const_exp": 0.0, "per_frame": 670957568, "per_frame_exp": 1.0, "per_clip_frame": 7183360, "per_clip_frame_exp": 0.9436, "chunk": 4},
+        "vae_decode": {"const": 804651008, "const_exp": 1.0, "per_clip_frame": 1750747, "per_clip_frame_exp": 1.0, "chunk": 1},
+        "vae_encode": {"const": 0, "const_exp": 1.024, "per_frame": 674103296, "per_frame_exp": 1.0, "per_clip_frame": 196608, "per_clip_frame_exp": 1.0, "chunk": 4},
     },
 }
 # --- end of measured data ---
@@ -139,28 +141,43 @@ def predict_peak(pass_name: str, frames: int, height: int, width: int, dtype: st
     return weight_bytes(dt, weights, pass_name, device) + copies + max(int(round(act)), 0)
 
 
+def clip_state_bytes(frames: int, height: int, width: int, steps: int = DEFAULT_STEPS) -> int:
+    """Bytes a stage keeps on the device for each of `frames` frames besides one pass's activations, counted
+    from the arrays (the ones bench/memory.py gives a UNet pass for its own frames): the DDIM trajectory
+    (steps + 1 latents) and the current latent in float32, a text or null embedding (77 x 768 float32) and
+    the mask (a byte per pixel)."""
+    tokens = math.ceil(int(height) / 8) * math.ceil(int(width) / 8)
+    per_frame = (int(steps) + 2) * 4 * tokens * 4 + TEXT_TOKENS * TEXT_DIM * 4 + int(height) * int(width)
+    return int(frames) * per_frame
+
+
 def predict_passes(passes: tuple[str, ...] | list[str], frames: int, height: int, width: int, dtype: str = "bf16",
-                   window: int | None = None, device: str = "cuda") -> dict[str, dict[str, int]]:
-    """{pass: {level: bytes}} for `passes` of a clip of `frames` frames (UNet passes see min(frames, window)
-    frames, the VAE passes the whole clip); a grad pass has a figure per checkpointing level (LEVELS), the
-    others only "off". Raises ValueError like predict_peak."""
+                   window: int | None = None, device: str = "cuda", steps: int = DEFAULT_STEPS
+                   ) -> dict[str, dict[str, int]]:
+    """{pass: {level: bytes}} for `passes` of a stage on a clip of `frames` frames: UNet passes see
+    min(frames, window) frames plus the clip state (clip_state_bytes) of the frames outside the window, the
+    VAE encode the whole clip (it runs before that state exists), the VAE decode the whole clip and its state.
+    A grad pass has a figure per checkpointing level (LEVELS), the others only "off". Raises ValueError like
+    predict_peak."""
     per_call = min(int(frames), int(window)) if window else int(frames)
+    outside = {"vae_encode": 0, "vae_decode": int(frames)}
     out: dict[str, dict[str, int]] = {}
     for name in passes:
         n = int(frames) if name.startswith("vae") else per_call
+        state = clip_state_bytes(outside.get(name, int(frames) - per_call), height, width, steps)
         levels = LEVELS if name in GRAD_PASSES else LEVELS[:1]
-        out[name] = {level: predict_peak(name, n, height, width, dtype, level, device=device) for level in levels}
+        out[name] = {level: predict_peak(name, n, height, width, dtype, level, device=device) + state
+                     for level in levels}
     return out
 
 
 def predict_stage_peak(stage: str, frames: int, height: int, width: int, dtype: str = "bf16", level: str = "off",
-                       window: int | None = None, device: str = "cuda") -> int:
-    """The largest pass peak of a stage ("invert" or "edit") at checkpointing `level`: UNet passes see
-    min(frames, window) frames, the VAE passes the whole clip."""
+                       window: int | None = None, device: str = "cuda", steps: int = DEFAULT_STEPS) -> int:
+    """The largest pass peak of a stage ("invert" or "edit") at checkpointing `level` (predict_passes)."""
     if stage not in STAGE_PASSES:
         raise ValueError(f"unknown stage {stage!r}; choose from {', '.join(STAGE_PASSES)}")
     check_level(level)
-    rows = predict_passes(STAGE_PASSES[stage], frames, height, width, dtype, window, device)
+    rows = predict_passes(STAGE_PASSES[stage], frames, height, width, dtype, window, device, steps)
     return max(row.get(level, row["off"]) for row in rows.values())
 
 

@@ -107,8 +107,9 @@ def encode_text(models: Models, prompts: list[str]) -> torch.Tensor:
 def vae_encode(models: Models, frames: np.ndarray, seed: int = 42, chunk: int = 4) -> torch.Tensor:
     """uint8 frames (F, H, W, 3) -> posterior SAMPLE (F, 4, H/8, W/8) x 0.18215, float32 (ALGORITHM.md §1.3).
 
-    Moments are computed in chunks of frames; the noise is drawn once for all frames from a generator
-    seeded with `seed` on the model device, as a one-batch encode would.
+    Moments are computed in chunks of frames, each chunk copied to the device and converted on its own (the
+    device holds one chunk of pixels, whatever the clip's length); the noise is drawn once for all frames
+    from a generator seeded with `seed` on the model device, as a one-batch encode would.
     """
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
@@ -117,9 +118,12 @@ def vae_encode(models: Models, frames: np.ndarray, seed: int = 42, chunk: int = 
         raise InputError(f"expected uint8 frames (F, H, W, 3), got {frames.dtype} {frames.shape}")
     if frames.shape[1] % 8 or frames.shape[2] % 8:
         raise InputError(f"frame size {frames.shape[1]}x{frames.shape[2]} must be a multiple of 8")
-    x = torch.from_numpy(frames).to(models.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    parts = []
     with on_device(models, models.vae) as vae:
-        moments = torch.cat([vae.encode(x[i:i + chunk]).latent_dist.parameters for i in range(0, len(x), chunk)])
+        for i in range(0, len(frames), chunk):
+            x = torch.from_numpy(frames[i:i + chunk]).to(models.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            parts.append(vae.encode(x).latent_dist.parameters)
+    moments = torch.cat(parts)
     gen = torch.Generator(device=models.device).manual_seed(seed)
     latents = DiagonalGaussianDistribution(moments).sample(generator=gen)
     return (latents * models.vae.config.scaling_factor).float()
