@@ -59,7 +59,8 @@ def test_export_key_writes_lists_skips_and_redoes(tmp_path):
         assert "export changed" in third["stages"]["eval"]["why"]
     from stages.io.workspace import Workspace
 
-    record = Workspace.open(out / "a.vd").group_attrs("edits/blue-cube")["exports"][str(path)]
+    # recorded relative to the workspace: the record holds on another node's copy of it
+    record = Workspace.open(out / "a.vd").group_attrs("edits/blue-cube")["exports"]["WS/edits/blue-cube/export.mkv"]
     assert record["settings"]["feather"] == 1 and record["settings"]["codec"] == "ffv1"
 
 

@@ -300,3 +300,27 @@ def test_seam_drops_with_the_colour_match_and_follows_the_export(seam_ws, tmp_pa
     ws.update_attrs("edits/red", timings={"edit": 2.0})  # the edit was redone after its export
     seam = run_eval(ws, cfg)["items"]["red"]["metrics"]["seam"]
     assert seam["available"] is False and "older than the edit" in seam["reason"]
+
+
+def test_a_moved_workspace_keeps_its_export_and_seam_score(seam_ws, tmp_path):
+    """Exports inside the workspace are recorded relative to it ("WS/edits/red/export.mkv") and the seam score
+    keys on the export's content: a copy of the workspace elsewhere (another node's scratch, a moved folder,
+    file times not kept) needs neither a new export nor a new score."""
+    import shutil
+
+    from stages.evaluate import is_current
+    from stages.export import ExportConfig, is_current as export_current, run_export
+    from stages.io.workspace import Workspace
+
+    ws = Workspace.open(shutil.copytree(seam_ws.path, tmp_path / "a" / "ws.vd"))
+    cfg = ExportConfig(codec="ffv1")
+    run_export(ws, cfg)
+    assert list(ws.group_attrs("edits/red")["exports"]) == ["WS/edits/red/export.mkv"]
+    run_eval(ws, EvalConfig(edits=["red"], metrics=["seam"]))
+    moved = Workspace.open(shutil.copytree(ws.path, tmp_path / "b" / "ws.vd", copy_function=shutil.copy))
+    assert export_current(moved, cfg) == (True, "")
+    assert is_current(moved, EvalConfig(edits=["red"], metrics=["seam"])) == (True, "")
+    export = moved.path / "edits/red/export.mkv"
+    export.write_bytes(export.read_bytes()[:-1] + bytes([export.read_bytes()[-1] ^ 1]))  # another file's bytes
+    ok, why = is_current(moved, EvalConfig(edits=["red"], metrics=["seam"]))
+    assert not ok and "export" in why

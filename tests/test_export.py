@@ -207,7 +207,7 @@ def test_h264_keeps_size_rate_rotation_colour_tags_and_the_span_audio(crop_ws, s
         frame, src = got["pixels"][k].astype(int), source["pixels"][20 + k].astype(int)
         assert np.abs(frame[far] - src[far]).mean() < 2.0  # only the codec's loss
         assert np.abs(frame[230:490, 510:770] - np.array(COLOUR)).mean() < 4.0
-    record = crop_ws.group_attrs("edits/red")["exports"][str(out)]
+    record = crop_ws.group_attrs("edits/red")["exports"]["WS/edits/red/export.mp4"]  # relative: it is inside WS
     assert record["settings"]["codec"] == "h264" and record["settings"]["crf"] == 18
 
 

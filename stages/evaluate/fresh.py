@@ -38,7 +38,7 @@ def item_settings(clip: SourceClip, frames: np.ndarray, attrs: dict[str, Any], m
     if "seam" in metrics and attrs:  # the seam reads the edit's export: a new export is a new score
         from stages.evaluate.seam import export_identity
 
-        settings["export"] = export_identity(attrs)
+        settings["export"] = export_identity(clip.ws.path, attrs)
     return settings
 
 

@@ -27,40 +27,45 @@ from stages.io.workspace import Workspace
 HOW = "run `vd export WS --edit NAME` (then `vd eval` again)"
 
 
-def pick_export(attrs: dict[str, Any]) -> tuple[Path, dict[str, Any]] | None:
+def pick_export(ws_path: Path, attrs: dict[str, Any]) -> tuple[Path, str, dict[str, Any]] | None:
     """The edit's newest export whose file still exists and was made from the edit as it is now (its
-    `exports` records in the edit's attrs), as (path, record); None without one."""
-    from stages.export.run import edit_identity
+    `exports` records in the edit's attrs), as (path, key, record); None without one."""
+    from stages.export.run import edit_identity, export_path
 
     identity = edit_identity(attrs)
-    found = [(str(rec.get("created") or ""), path, rec) for path, rec in (attrs.get("exports") or {}).items()
-             if isinstance(rec, dict) and rec.get("edit") == identity and Path(path).exists()]
+    found = [(str(rec.get("created") or ""), key, rec) for key, rec in (attrs.get("exports") or {}).items()
+             if isinstance(rec, dict) and rec.get("edit") == identity and export_path(ws_path, key).exists()]
     if not found:
         return None
-    _created, path, record = max(found, key=lambda item: (item[0], item[1]))
-    return Path(path), record
+    _created, key, record = max(found, key=lambda item: (item[0], item[1]))
+    return export_path(ws_path, key), key, record
 
 
-def export_identity(attrs: dict[str, Any]) -> list[Any] | None:
-    """What the seam score of an edit read: the chosen export's path, record and file stamp (None: none)."""
-    chosen = pick_export(attrs)
+def export_identity(ws_path: Path, attrs: dict[str, Any]) -> list[Any] | None:
+    """What the seam score of an edit read: the chosen export's key, record and content (None: none); the same
+    on another node or after the workspace moved (no path or file time in it)."""
+    from stages.common.digest import file_sha256
+
+    chosen = pick_export(ws_path, attrs)
     if chosen is None:
         return None
-    path, record = chosen
-    stat = path.stat()
-    return [str(path), record.get("created"), record.get("settings"), stat.st_size, stat.st_mtime_ns]
+    path, key, record = chosen
+    content = file_sha256(path) if path.is_file() else sorted((p.name, file_sha256(p)) for p in path.iterdir())
+    return [key, record.get("created"), record.get("settings"), content]
 
 
 def export_seam(ws: Workspace, name: str, attrs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], str | None]:
     """({"seam", "seam_before_match", "seam_after_match"}, {"seam": per frame}, the export's path) of edit
     `name`; `seam` is unavailable (n/a, never an error) when the edit has no current export, or its source or
     export cannot be read."""
-    chosen = pick_export(attrs)
+    from stages.export.run import export_path
+
+    chosen = pick_export(ws.path, attrs)
     if chosen is None:
-        stale = any(Path(p).exists() for p in (attrs.get("exports") or {}))
+        stale = any(export_path(ws.path, key).exists() for key in (attrs.get("exports") or {}))
         reason = "its export is older than the edit" if stale else "the edit has no export"
         return {"seam": unavailable(reason, HOW + (" --force" if stale else ""))}, {}, None
-    path, record = chosen
+    path, _key, record = chosen
     try:
         values = measure(ws, name, attrs, path, record)
     except InputError as exc:

@@ -19,7 +19,7 @@ def is_current(ws: Workspace, cfg: ExportConfig) -> tuple[bool, str]:
     was compared when the export ran)."""
     from stages.edit.fresh import stale_reason
     from stages.export.region import edit_region
-    from stages.export.run import edit_identity, export_settings, masks_changed, pick_edit
+    from stages.export.run import edit_identity, export_key, export_settings, masks_changed, pick_edit
 
     validate(cfg)
     try:
@@ -28,7 +28,7 @@ def is_current(ws: Workspace, cfg: ExportConfig) -> tuple[bool, str]:
         return False, str(exc)
     out = Path(cfg.output).expanduser() if cfg.output else default_output(ws.path, name, cfg.codec)
     attrs = ws.group_attrs(f"edits/{name}")
-    record = (attrs.get("exports") or {}).get(str(out.absolute()))
+    record = (attrs.get("exports") or {}).get(export_key(ws.path, out))
     if not record:
         return False, f"edit {name!r} has no export at {out}"
     if not out.exists():

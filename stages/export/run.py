@@ -340,6 +340,25 @@ def export_settings(cfg: ExportConfig, feather: int, source: dict[str, Any]) -> 
             "feather": feather, "color_match": cfg.color_match, "source_sha256": source.get("sha256")}
 
 
+WS_PREFIX = "WS/"  # an export key relative to the workspace
+
+
+def export_key(ws_path: Path, out: Path) -> str:
+    """How an export is recorded in its edit's attrs (`exports`): relative to the workspace ("WS/edits/red/
+    export.mp4", the default output) when it is inside it, so the record still holds when the workspace is
+    moved or resumed from another node's scratch copy; else its absolute path."""
+    out, root = Path(out).absolute(), Path(ws_path).absolute()
+    try:
+        return WS_PREFIX + out.relative_to(root).as_posix()
+    except ValueError:
+        return str(out)
+
+
+def export_path(ws_path: Path, key: str) -> Path:
+    """The file an export key names (export_key's inverse)."""
+    return Path(ws_path) / key[len(WS_PREFIX):] if key.startswith(WS_PREFIX) else Path(key)
+
+
 def edit_identity(attrs: dict[str, Any]) -> str:
     """A digest of the edit's attrs (its settings, reads and timings change whenever it is redone)."""
     from stages.common.digest import digest
@@ -350,7 +369,7 @@ def edit_identity(attrs: dict[str, Any]) -> str:
 def _record(ws: Workspace, name: str, out: Path, cfg: ExportConfig, feather: int, source: dict[str, Any],
             attrs: dict[str, Any], result: dict[str, Any]) -> None:
     exports = dict(ws.group_attrs(f"edits/{name}").get("exports") or {})
-    exports[str(out.absolute())] = {
+    exports[export_key(ws.path, out)] = {
         "settings": export_settings(cfg, feather, source), "edit": edit_identity(attrs),
         "frames": result["frames"], "fps": result["fps"], "seam": result["color_match"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
