@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from stages.invert import GROUP, InvertConfig
-from stages.invert.plan import (TFLOP_PER_FRAME_512, Target, card_times, geometry, setting,
+from stages.invert.plan import (TFLOP_PER_FRAME_512, Target, card_times, geometry, pass_rows, setting,
                                 throughput, verdict)
 from stages.io.workspace import Workspace
 from stages.models import memory
@@ -54,13 +54,7 @@ def plan_edit_run(ws: Workspace | None, device: str = "auto", dtype: str = "auto
     windows = plan_windows(F, window, min(int(inv["overlap"]), window - 1))
     per_call = min(F, window)
     modelled = inv["model"] not in UNMODELLED
-    rows: dict[str, dict[str, int | None]] = {}
-    for name in EDIT_PASSES:
-        try:
-            rows[name] = (memory.predict_passes((name,), F, H, W, where["mem_dtype"], window, where["device"],
-                                                int(inv["steps"]))[name] if modelled else {"off": None})
-        except ValueError:
-            rows[name] = {"off": None}
+    rows = pass_rows(EDIT_PASSES, modelled, F, H, W, where, window, int(inv["steps"]))
     peaks = memory.peak_by_level(rows)
     S = int(inv["steps"])
     frames_total = sum(e - s for s, e in windows.spans)

@@ -153,6 +153,21 @@ def _device_dtype(cfg: Any, models: Any = None) -> tuple[str, str]:
     return str(dev), memory.canonical_dtype(str(resolve_dtype(cfg.dtype, dev)))
 
 
+def pass_rows(passes: tuple[str, ...], modelled: bool, frames: int, height: int, width: int, where: dict[str, Any],
+              window: int | None, steps: int) -> dict[str, dict[str, int | None]]:
+    """A dry run's {pass: {level: bytes}} (memory.predict_passes on the plan's device and dtype, `where` from
+    `setting`); None for each level of a pass the model does not cover (an unmodelled model, a missing row)."""
+    rows: dict[str, dict[str, int | None]] = {}
+    for name in passes:
+        levels = memory.LEVELS if name in memory.GRAD_PASSES else memory.LEVELS[:1]
+        try:
+            rows[name] = memory.predict_passes((name,), frames, height, width, where["mem_dtype"], window,
+                                               where["device"], steps)[name] if modelled else dict.fromkeys(levels)
+        except ValueError:
+            rows[name] = dict.fromkeys(levels)
+    return rows
+
+
 def invert_passes(cfg: InvertConfig) -> tuple[str, ...]:
     """The memory model's passes this inversion runs, in order: direct has no backward pass, negative-prompt
     no null-text iterations, --no-stdg no STDG grad pass."""
@@ -324,15 +339,7 @@ def plan_invert(ws: Workspace | None, cfg: InvertConfig, target: Target | None =
     windows = clip_windows(F, cfg, MAX_WINDOW)
     passes = invert_passes(cfg)
     modelled = cfg.model not in UNMODELLED
-    rows: dict[str, dict[str, int | None]] = {}
-    for name in passes:
-        levels = memory.LEVELS if name in memory.GRAD_PASSES else memory.LEVELS[:1]
-        try:
-            rows[name] = memory.predict_passes((name,), F, H, W, where["mem_dtype"], mplan.per_call(),
-                                               where["device"], int(cfg.steps))[name] if modelled \
-                else dict.fromkeys(levels)
-        except ValueError:
-            rows[name] = dict.fromkeys(levels)
+    rows = pass_rows(passes, modelled, F, H, W, where, mplan.per_call(), int(cfg.steps))
     peaks = memory.peak_by_level(rows)
     choice = _choice(cfg, passes, mplan, where["available"])
     fe = forward_equivalents(cfg, windows, choice.enabled)
