@@ -392,8 +392,12 @@ def _edit(models: Any, x: dict[str, Any], frames: int, px: int) -> None:
 
     unet_eps = models_api("unet_eps")
 
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
     h, w = px // 8, px // 8
-    plan = cross_plan(models.tokenizer, SRC, TGT)
+    # the plan's few real numbers: EditAttention reads the alphas' values once, when it installs its handlers
+    with unset_fake_temporarily():
+        plan = cross_plan(models.tokenizer, SRC, TGT)
     blend = LocalBlend(word_positions(models.tokenizer, SRC, "ball"), word_positions(models.tokenizer, TGT, "ball"),
                        (h, w))
     controller = install(models.unet, AttentionController())
@@ -401,7 +405,8 @@ def _edit(models: Any, x: dict[str, Any], frames: int, px: int) -> None:
                             mapper=plan.mapper, alphas=plan.alphas, equalizer=plan.equalizer,
                             key_masks=KeyMasks(x["mask"], (h, w)), blend=blend, sa1_layers=(),
                             sa2_blocks=SA2_BLOCKS, blend_blocks=BLEND_BLOCKS)
-    control.install(controller)
+    with unset_fake_temporarily():
+        control.install(controller)
     controller.step = 1
     e, ref = x["latents"][-1], x["latents"][-2]
     emb = torch.cat([x["neg"].expand(frames, -1, -1), x["c_src"], x["neg"].expand(frames, -1, -1), x["c_src"]])
