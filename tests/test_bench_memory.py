@@ -1,0 +1,26 @@
+"""bench/memory.py, the tool behind stages.models.memory's table, still runs every pass at every level (a
+change in the stages can break its fake-tensor harness without any other test noticing)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_pass_runs_on_fake_tensors_at_a_small_size():
+    spec = importlib.util.spec_from_file_location("vd_bench_memory", ROOT / "bench" / "memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    points = bench.measure("bf16", (64,), (1,), bench.PASSES, bench.LEVELS, log=lambda line: None)
+    got = {(p.pass_name, p.checkpointing): p for p in points}
+    grad = {(name, level) for name in bench.GRAD_PASSES for level in bench.LEVELS}
+    assert set(got) == grad | {(name, "off") for name in bench.PASSES}
+    for key, p in got.items():
+        assert p.peak > p.weights and "leaked" not in p.extra, key
+    for name in bench.GRAD_PASSES:  # each level keeps less than the one before it
+        peaks = [got[(name, level)].peak for level in bench.LEVELS]
+        assert peaks[0] > peaks[1] > peaks[2], (name, peaks)
