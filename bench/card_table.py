@@ -1,4 +1,4 @@
-"""Card sizes against the clips that fit: the tables of notes/readme-memory.md, from the memory model.
+"""Card sizes against the clips that fit: the tables of docs/concepts/memory.md, from the memory model.
 
     python bench/card_table.py              # prints the Markdown tables
     python bench/card_table.py --json       # the numbers

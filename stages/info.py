@@ -1,5 +1,5 @@
 """Stage `vd info`: what each stage left in a workspace, read defensively (any subset of stages), and which
-results are stale: made from inputs that changed since (notes/readme-freshness.md; each stage's own rule)."""
+results are stale: made from inputs that changed since (docs/concepts/freshness.md; each stage's own rule)."""
 
 from __future__ import annotations
 

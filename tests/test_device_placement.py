@@ -17,7 +17,7 @@ constant-folded (their ops would run for real); and autograd's engine, which ask
 context, is replaced by `_backward` (device checks, reachability, zero gradients on the inputs' devices);
 the VAE and text encoder wait on the fake CPU and `.to(device)` remakes their fake tensors there (nn.Module.to
 cannot move fake tensors; the copy is not recorded as a host-to-device copy).
-notes/readme-gpu.md has what this proves and what it cannot.
+docs/concepts/memory.md ("Running on a GPU") has what this proves and what it cannot.
 """
 
 from __future__ import annotations
@@ -621,9 +621,9 @@ def test_sam2_tracking_on_cuda(gpu):
 
 # ------------------------------------------------------------------------------------------- CUDA behaviour
 def test_cuda_autocast_runs_these_in_fp32(gpu):
-    """What bf16 autocast does to the ops of vd's UNet on CUDA (notes/readme-gpu.md): matmuls, convolutions
-    and fused attention in bf16; GroupNorm, LayerNorm and softmax in float32 (CPU autocast keeps them in
-    bf16, which is why bf16 on the CPU is not the GPU's numerics)."""
+    """What bf16 autocast does to the ops of vd's UNet on CUDA (docs/concepts/memory.md, "Running on a GPU"):
+    matmuls, convolutions and fused attention in bf16; GroupNorm, LayerNorm and softmax in float32 (CPU autocast
+    keeps them in bf16, which is why bf16 on the CPU is not the GPU's numerics)."""
     import torch.nn.functional as F
 
     with gpu.run():

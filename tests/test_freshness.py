@@ -1,4 +1,4 @@
-"""One freshness rule (notes/readme-freshness.md): every stage records the digests of exactly what it read, and
+"""One freshness rule (docs/concepts/freshness.md): every stage records the digests of exactly what it read, and
 a result whose inputs changed is stale everywhere: `vd info` and `--check` show it, `vd edit` and `vd eval`
 refuse to build on or score it, and `vd invert --restart` keeps the stored settings. Faults are caused (masks
 rewritten, weights replaced with the old mtime restored, a weights file moved), never mocked.

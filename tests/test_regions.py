@@ -1,4 +1,4 @@
-"""Per-region edits (`vd edit --region NAME=PHRASE`, notes/readme-regions.md): prompt building and checks,
+"""Per-region edits (`vd edit --region NAME=PHRASE`, docs/concepts/extensions.md): prompt building and checks,
 the layout modulation wired through a region edit (its formula: tests/test_layout_modulation.py), SA-II
 per object and the blend per object (stand-in UNet, tests/fake_unet.py style), the one-region path against
 the single-subject edit (real tiny inversion), and the CLI."""

@@ -1,4 +1,4 @@
-"""Whether an edit stored in a workspace is current (notes/readme-freshness.md).
+"""Whether an edit stored in a workspace is current (docs/concepts/freshness.md).
 
 An edit records what it read (stages.edit.run.read_record): attrs `inversion` (stages.invert.store.inversion_id:
 the inversion's settings hash and the id of the run that made it), `reads` ({array: digest} of video/frames and

@@ -4,7 +4,7 @@ The workspace's named objects (written by `vd mask`): masks/objects/<name>/{raw,
 group "masks/objects" attrs {"names": [...], "phrases": {name: phrase or null}}. Each object's source
 phrase (from those attrs or `--object NAME=PHRASE`) must be words of the inversion prompt; the target
 prompt is the inversion prompt with every region's phrase replaced by its target phrase.
-Notes: notes/readme-regions.md.
+Notes: docs/concepts/extensions.md.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ class EditConfig:
     sa1_blocks: list[str] = field(default_factory=list)  # explicit override of the token rule (block names)
     sa2_blocks: list[str] = field(default_factory=lambda: list(SA2_BLOCKS))
     blend_blocks: list[str] = field(default_factory=lambda: list(BLEND_BLOCKS))
-    regions: dict[str, str] = field(default_factory=dict)  # object name -> target phrase (notes/readme-regions.md)
+    regions: dict[str, str] = field(default_factory=dict)  # object name -> target phrase (docs/concepts/extensions.md)
     objects: dict[str, str] = field(default_factory=dict)  # object name -> source phrase (overrides vd mask's)
     layout_steps: float = LAYOUT_STEPS  # regions: VideoGrain's layout modulation for steps < int(S layout_steps)
     layout_strength: float = LAYOUT_STRENGTH  # multiplier of its lambdas (1.0 cross, 0.3 self)

@@ -3,7 +3,7 @@
 Stored scores of an item (the reconstruction or an edit) are current when they were computed from the same
 frames, masks, prompt and region, with the same scorer weights (for the seam metric: from the same export
 of the edit), and cover every metric asked for. An item that is itself stale (an edit whose inputs changed, an
-inversion whose frames or masks changed: notes/readme-freshness.md) is never scored: `refuse_stale` names it
+inversion whose frames or masks changed: docs/concepts/freshness.md) is never scored: `refuse_stale` names it
 and the fix.
 """
 

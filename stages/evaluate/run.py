@@ -1,7 +1,7 @@
 """Stage: vd eval. Scores the inversion's reconstruction and the edits of a workspace and stores the
 results under eval/<name> (many workspaces: stages/evaluate/table.py).
 
-Metric definitions live in stages/quality/metrics.py and notes/readme-eval.md. Optional metrics whose
+Metric definitions live in stages/quality/metrics.py and docs/commands/eval.md. Optional metrics whose
 weights are not present locally are reported as {"available": false, "reason", "how"}, never as a number.
 """
 

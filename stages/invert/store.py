@@ -18,7 +18,7 @@ Group attrs: status, model {spec, fingerprint}, prompt, negative_prompt, subject
 config, settings, config_hash, run (a new id per inversion made), and when done: recon metrics, timings, counts,
 summary.
 
-Freshness (notes/readme-freshness.md): `settings` hold what the stored steps read, by content: the settings that
+Freshness (docs/concepts/freshness.md): `settings` hold what the stored steps read, by content: the settings that
 change them, the digests of the frames and (when STDG or --store-components reads it) masks/edit, and the
 model's content identity (never its path). `subject` and the model's path are labels only later stages use: a
 rerun that changes them updates them (`relabel`) and keeps the inversion. Edits record `inversion_id`.

@@ -1,4 +1,4 @@
-"""What a stage read from a workspace, by content: the one freshness rule (notes/readme-freshness.md).
+"""What a stage read from a workspace, by content: the one freshness rule (docs/concepts/freshness.md).
 
 A stage records the digest of every workspace array it reads (`Reads.of(names)`, stored with its result); its
 result is stale as soon as one of them differs from the array's current content (`Reads.changed`). Digests

@@ -38,7 +38,7 @@ MAX_FRAMES = 100000
 
 @dataclass
 class MaskConfig:
-    """Options of `vd mask` (see notes/readme-mask.md)."""
+    """Options of `vd mask` (see docs/commands/mask.md)."""
 
     frames: int = 16  # 0: all (--frames all)
     size: str = "512"

@@ -1,4 +1,4 @@
-"""Small pure metric functions used by `vd eval` (see notes/readme-eval.md for the definitions).
+"""Small pure metric functions used by `vd eval` (see docs/commands/eval.md for the definitions).
 
 Conventions: frames are (H, W, 3) arrays with values in [0, 255] (uint8 or float); a `region` is a
 boolean (H, W) array of the pixels a metric looks at (None = whole frame). Functions that need torch

@@ -1,5 +1,5 @@
 """`vd edit`: edit an inverted clip with a new prompt (or a phrase that replaces the subject), or edit named
-objects one phrase each (`--region NAME=PHRASE`, notes/readme-regions.md)."""
+objects one phrase each (`--region NAME=PHRASE`, docs/concepts/extensions.md)."""
 
 from __future__ import annotations
 

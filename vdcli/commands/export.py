@@ -1,5 +1,5 @@
 """`vd export`: composite a finished edit back into the source clip (size, frame rate, rotation, colour tags,
-audio), with the background untouched. Prints only the output path (notes/readme-export.md)."""
+audio), with the background untouched. Prints only the output path (docs/commands/export.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Attention pieces of per-region edits (`vd edit --region`, notes/readme-regions.md).
+"""Attention pieces of per-region edits (`vd edit --region`, docs/concepts/extensions.md).
 
 Layout modulation: VideoGrain's published rule (ALGORITHM.md §13.3; its ST-Layout attention). On the
 pre-softmax scores S = q k^T / sqrt(d) of the edit-cond slot, for steps i < int(S_steps * layout_steps):
