@@ -104,9 +104,11 @@ def report(row: dict[str, Any], px: int, frames: int, threads: int) -> list[str]
 
     def cells(name: str) -> str:
         off = row[f"{name}_off_s"]
-        return f"{off:.2f} | " + " | ".join(
-            f"{row[f'{name}_{m}_s']:.2f} (+{100 * (row[f'{name}_{m}_s'] / off - 1):.0f}%) | {row[f'{name}_{m}_diff']:.1e}"
-            for m in LEVELS[1:])
+        def cell(m: str) -> str:
+            s = row[f"{name}_{m}_s"]
+            return f"{s:.2f} (+{100 * (s / off - 1):.0f}%) | {row[f'{name}_{m}_diff']:.1e}"
+
+        return f"{off:.2f} | " + " | ".join(cell(m) for m in LEVELS[1:])
 
     head = " | ".join(f"{m} CPU s (time cost) | {m} max relative difference" for m in LEVELS[1:])
     return [

@@ -15,11 +15,12 @@ def is_current(ws: Workspace, cfg: ExportConfig) -> tuple[bool, str]:
 
     Current: the output exists, the edit's record for that output has the same settings (codec, crf,
     audio, whole clip, feather, colour match, source sha256), the edit is unchanged since (its attrs), the
-    masks it pastes with are the ones the edit read, and the edit itself is not stale. Reads only; the source is not decoded (its sha256
-    was compared when the export ran)."""
+    masks it pastes with are the ones the edit read, and the edit itself is not stale. Reads only; the source
+    is not decoded (its sha256 was compared when the export ran)."""
     from stages.edit.fresh import stale_reason
     from stages.export.region import edit_region
     from stages.export.run import edit_identity, export_key, export_settings, masks_changed, pick_edit
+    from stages.io.reads import Reads
 
     validate(cfg)
     try:
@@ -44,10 +45,11 @@ def is_current(ws: Workspace, cfg: ExportConfig) -> tuple[bool, str]:
         return False, f"the export {out} was made with other settings ({', '.join(changed)})"
     if record.get("edit") != edit_identity(attrs):
         return False, f"edit {name!r} was redone after the export {out}"
-    changed = masks_changed(ws, attrs, edit_region(ws, attrs).arrays)
+    reads = Reads(ws)  # one digest of each array for both checks
+    changed = masks_changed(ws, attrs, edit_region(ws, attrs).arrays, reads)
     if changed:
         return False, f"{', '.join(changed)} changed since edit {name!r} was made"
-    why = stale_reason(ws, name)
+    why = stale_reason(ws, name, reads)
     if why:
         return False, f"edit {name!r} is stale ({why})"
     return True, ""

@@ -29,17 +29,19 @@ from stages.export.media import (AudioPlan, PngWriter, SourceMedia, VideoWriter,
                                  probe_source, writable_folder)
 from stages.export.region import edit_region
 from stages.io import locks
+from stages.io.reads import Reads
 from stages.io.workspace import Workspace, atomic_path, check_name, edit_finished, edit_names
 from stages.method.composite import Geometry, paste
 
 
 # ----------------------------------------------------------------------------------------- inputs
-def refuse_stale_edit(ws: Workspace, name: str) -> None:
+def refuse_stale_edit(ws: Workspace, name: str, reads: Reads | None = None) -> None:
     """InputError when edit `name` is stale (its inversion was redone or its inputs changed: stages.edit.fresh),
-    with the command that makes it current: stale work is never delivered."""
+    with the command that makes it current: stale work is never delivered. `reads`: a Reads whose digests
+    the check may reuse."""
     from stages.edit.fresh import stale_fix, stale_reason
 
-    why = stale_reason(ws, name)
+    why = stale_reason(ws, name, reads)
     if why:
         raise InputError(f"{ws.path}: edit {name!r} is stale ({why}); {stale_fix(ws, name)}")
 
@@ -65,13 +67,13 @@ def pick_edit(ws: Workspace, name: str | None) -> str:
     return name
 
 
-def masks_changed(ws: Workspace, attrs: dict[str, Any], arrays: tuple[str, ...]) -> list[str]:
+def masks_changed(ws: Workspace, attrs: dict[str, Any], arrays: tuple[str, ...], reads: Reads | None = None
+                  ) -> list[str]:
     """The mask arrays the export pastes with that changed since the edit (group attrs `attrs`) read them
-    (its `reads` record); an edit without a record is taken as it is. Cheap: no model code is imported."""
-    from stages.io.reads import Reads
-
+    (its `reads` record); an edit without a record is taken as it is. Cheap: no model code is imported.
+    `reads`: a Reads to share digests with the other checks."""
     recorded = attrs.get("reads") or {}
-    return Reads(ws).changed({a: recorded[a] for a in arrays if a in recorded})
+    return (reads or Reads(ws)).changed({a: recorded[a] for a in arrays if a in recorded})
 
 
 def resolve_source(source: dict[str, Any], given: str | None) -> Path:
@@ -208,11 +210,12 @@ def run_export(workspace: Workspace | str | Path, cfg: ExportConfig,
     locks.hold(ws.path, f"edits/{name}", "vd export", f"edit {name!r} in {ws.path}", shared=True)
     attrs = ws.group_attrs(f"edits/{name}")
     region = edit_region(ws, attrs)
-    changed = masks_changed(ws, attrs, region.arrays)
+    reads = Reads(ws)  # one digest of each array for both checks
+    changed = masks_changed(ws, attrs, region.arrays, reads)
     if changed:
         raise InputError(f"{', '.join(changed)} changed since edit {name!r} was made, so its region no longer "
                          f"matches its frames; redo it with `vd edit {ws.path} --name {name} --force ...`")
-    refuse_stale_edit(ws, name)
+    refuse_stale_edit(ws, name, reads)
     source = dict(ws.attrs.get("source") or {})
     media = probe_source(resolve_source(source, cfg.source))
     geom = geometry(source, media)
